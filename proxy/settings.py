@@ -1,0 +1,134 @@
+"""The validated, immutable configuration the running sidecar works from.
+
+These dataclasses are the contract between configuration loading (``proxy.config``, which turns
+YAML, conninfo strings, command-line flags and ``PG*`` variables into them and rejects anything
+invalid) and the rest of the program, which may trust every field: paths were readable, numbers
+are in range, enumerations hold one of their allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+SslMode = Literal["require", "verify-ca", "verify-full"]
+SslNegotiation = Literal["postgres", "direct"]
+TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+LogFormat = Literal["text", "json"]
+
+DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 5432
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """Where and how to reach the TLS-only server, in libpq's vocabulary.
+
+    ``sslrootcert`` is a file path, the literal ``"system"`` (the OS trust store, which like
+    libpq forces ``verify-full``), or ``None``: with ``verify-ca``/``verify-full`` that means the
+    system store (libpq would look for ``~/.postgresql/root.crt``, which a container never has);
+    with ``require`` it means no chain check at all, exactly as libpq does.
+    """
+
+    host: str
+    port: int = DEFAULT_PORT
+    hostaddr: str | None = None  # libpq: connect here, but verify and send SNI for ``host``
+    tls_server_name: str | None = None  # sidecar extension: name to verify/SNI instead of host
+    sslmode: SslMode = "verify-full"
+    sslrootcert: str | None = None
+    sslcrl: str | None = None
+    sslcrldir: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslpassword: str | None = field(default=None, repr=False)
+    sslsni: bool = True
+    sslnegotiation: SslNegotiation = "postgres"
+    ssl_min_protocol_version: TlsVersion = "TLSv1.2"
+    ssl_max_protocol_version: TlsVersion | None = None
+    connect_timeout: float | None = None  # None: use Timeouts.connect
+    keepalives: bool = True
+    keepalives_idle: int = 60  # seconds; Azure's load balancer drops idle flows after ~240 s
+    keepalives_interval: int = 10
+    keepalives_count: int = 6
+
+    @property
+    def verify_name(self) -> str:
+        """The name the certificate must carry (and SNI sends) under ``verify-full``."""
+        return self.tls_server_name or self.host
+
+    @property
+    def connect_host(self) -> str:
+        """The address actually dialled."""
+        return self.hostaddr or self.host
+
+    def describe(self) -> str:
+        """``host:port`` for logs, never with secrets."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpListen:
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixListen:
+    """A Unix socket created as ``directory/.s.PGSQL.<port>``, as PostgreSQL names it."""
+
+    directory: str
+    port: int = DEFAULT_PORT
+    mode: int = 0o777  # PostgreSQL's unix_socket_permissions default
+
+    @property
+    def path(self) -> str:
+        return f"{self.directory.rstrip('/') or '/'}/.s.PGSQL.{self.port}"
+
+    def describe(self) -> str:
+        return self.path
+
+
+Listen = TcpListen | UnixListen
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """One or more local listeners forwarding to one upstream."""
+
+    name: str
+    listen: tuple[Listen, ...]
+    upstream: UpstreamSettings
+    max_connections: int | None = None  # None: only the global limit applies
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds. Every wait on a peer is bounded by one of these."""
+
+    connect: float = 10.0  # TCP connect to the upstream
+    tls_handshake: float = 10.0  # SSLRequest answer plus the TLS handshake
+    startup: float = 10.0  # client must send its startup packet within this
+    drain: float = 30.0  # on SIGTERM, how long open sessions may finish
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_connections: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    format: LogFormat = "text"
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    routes: tuple[RouteSettings, ...]
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    logging: LogSettings = LogSettings()
+    source: str | None = None  # the config file this came from, for messages
