@@ -56,6 +56,10 @@ class ConfigError(SidecarError):
         super().__init__("".join(parts))
 
 
+class ListenError(SidecarError):
+    """A configured listener could not be bound; nothing is served (all or nothing)."""
+
+
 class ProtocolViolation(SidecarError):
     """The client broke the PostgreSQL startup protocol.
 

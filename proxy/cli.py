@@ -1,0 +1,170 @@
+"""Command line: ``pg-tls-sidecar run|demo``; flags, signals and exit codes live here only.
+
+Exit codes (documented in the README):
+  0  stopped cleanly (SIGTERM/SIGINT, sessions drained or cut at the drain deadline)
+  1  could not start: a listener could not be bound, or an unexpected failure
+  2  usage or configuration error (nothing was started)
+  3  stopped at once by a second SIGTERM/SIGINT during the drain
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from proxy import __version__
+from proxy.errors import ConfigError, ListenError
+
+EXIT_OK = 0
+EXIT_START_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_FORCED = 3
+
+log = logging.getLogger("proxy.cli")
+
+RUN_EPILOG = """\
+examples:
+  # one upstream, CA file as downloaded from the portal (DER .cer is fine), verify-full:
+  pg-tls-sidecar run --upstream "host=mydb.postgres.database.azure.com sslrootcert=/certs/ca.cer"
+
+  # the connection URI from the Azure portal works as is (user/dbname are the app's business):
+  pg-tls-sidecar run --upstream "postgresql://mydb.postgres.database.azure.com:5432/postgres"
+
+  # configuration by environment alone (libpq's variables):
+  PGHOST=mydb.postgres.database.azure.com PGSSLROOTCERT=/certs/ca.pem pg-tls-sidecar run
+
+  # several routes, timeouts and limits from a file:
+  pg-tls-sidecar run --config /etc/pg-tls-sidecar/sidecar.yaml
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pg-tls-sidecar",
+        description="Plaintext PostgreSQL in on localhost, verified TLS out to a managed server.",
+    )
+    parser.add_argument("--version", action="version", version=f"pg-tls-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the sidecar",
+        description="Accept plaintext PostgreSQL connections and forward each over verified TLS.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="TCP address to accept clients on (repeatable; default 127.0.0.1:5432)",
+    )
+    run.add_argument(
+        "--unix-socket",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also accept clients on DIR/.s.PGSQL.<port>, like a local server (repeatable)",
+    )
+    run.add_argument(
+        "--unix-socket-mode", metavar="MODE", help="permissions of the socket file (default 0777)"
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="CONNINFO",
+        help="libpq key=value string or postgresql:// URI of the TLS-only server "
+        "(default: the PG* environment variables)",
+    )
+    run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        type=str.lower,
+        help="log level (default info)",
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a local TLS-only PostgreSQL, the sidecar, and a plaintext client through it",
+        description="A self-contained demonstration; needs the PostgreSQL server binaries.",
+    )
+    demo.add_argument("--once", action="store_true", help="exit after the client has connected")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args)
+    if args.command == "demo":
+        from proxy.demo.run import main as demo_main
+
+        return demo_main(once=args.once)
+    parser.print_help(sys.stderr)
+    return EXIT_CONFIG
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from proxy.config import load_settings
+    from proxy.logs import configure_logging
+
+    # Log in the requested format from the first line: the loader itself warns (ignored options).
+    configure_logging(args.log_format or "text", args.log_level or "info")
+    try:
+        settings = load_settings(
+            config_path=args.config,
+            listen=args.listen,
+            unix_sockets=args.unix_socket,
+            unix_socket_mode=args.unix_socket_mode,
+            upstream=args.upstream,
+            log_format=args.log_format,
+            log_level=args.log_level,
+            environ=os.environ,
+        )
+    except ConfigError as exc:
+        print(f"pg-tls-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.logging.format, settings.logging.level)
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: object) -> int:
+    from proxy.app import Sidecar
+    from proxy.settings import Settings
+
+    assert isinstance(settings, Settings)
+    sidecar = Sidecar(settings)
+    try:
+        await sidecar.start()
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return EXIT_CONFIG
+    except ListenError as exc:
+        log.error("%s", exc)
+        return EXIT_START_FAILED
+
+    forced = False
+
+    def on_signal(name: str) -> None:
+        nonlocal forced
+        if sidecar.draining:
+            forced = True
+            log.warning("received %s again: closing every session now", name)
+            sidecar.force_stop()
+        else:
+            log.info("received %s: draining (send it again to stop at once)", name)
+            sidecar.request_shutdown()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await sidecar.wait_stopped()
+    return EXIT_FORCED if forced else EXIT_OK
