@@ -6,7 +6,6 @@ byte of the client's StartupMessage sent before TLS was established.
 
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.demo.pki import CertificateAuthority, Issued
 from tests.fake_servers import (
     SSL_REQUEST,
     Conn,
@@ -23,33 +21,6 @@ from tests.fake_servers import (
     serve_one_query_session,
     server_context,
 )
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A trusted CA, a good server certificate, and the bad ones."""
-    d = tmp_path_factory.mktemp("hostile-certs")
-    ca = CertificateAuthority.create("hostile-test trusted root")
-    other = CertificateAuthority.create("some other root")
-    now = dt.datetime.now(dt.UTC)
-    issued: dict[str, Issued] = {
-        "good": ca.issue_server(),
-        "wrong_ca": other.issue_server(),
-        "wrong_host": ca.issue_server(
-            common_name="db.example.com", dns_names=("db.example.com",), ip_addresses=()
-        ),
-        "expired": ca.issue_server(
-            not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
-        ),
-    }
-    out: dict[str, Path] = {}
-    for name, item in issued.items():
-        crt, key = item.write(d, name)
-        out[name + ".crt"] = crt
-        out[name + ".key"] = key
-    out["ca.cer"] = d / "ca.cer"
-    out["ca.cer"].write_bytes(ca.cert_der())
-    return out
 
 
 def _connect_fails(sidecar_conninfo: str) -> str:
