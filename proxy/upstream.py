@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import ssl
 import time
@@ -27,6 +28,8 @@ from proxy.errors import UpstreamError
 from proxy.settings import Timeouts, UpstreamSettings
 from proxy.wire.messages import SSL_REQUEST
 from proxy.wire.negotiation import check_ssl_response
+
+TLS_SHUTDOWN_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,8 @@ async def _open_tcp(up: UpstreamSettings) -> tuple[socket.socket, str]:
             await loop.sock_connect(sock, sockaddr)
         except OSError as exc:
             sock.close()
-            errors.append(f"{_host_of(sockaddr)} port {up.port}: {exc.strerror or exc}")
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            errors.append(f"{_host_of(sockaddr)} port {up.port}: {why}")
             continue
         except BaseException:
             sock.close()
@@ -150,6 +154,10 @@ async def _negotiate_tls(
                 ssl=context,
                 server_hostname=tls.sni_for(up) or "",
                 ssl_handshake_timeout=limit + 1,
+                # On close we flush, send close_notify and wait this long for the server's,
+                # like libpq (which does not wait at all). asyncio's default of 30 s would keep
+                # a backend whose client died busy-waiting on an open TCP connection.
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
             )
             return endpoint
     except TimeoutError:

@@ -6,7 +6,9 @@ byte of the client's StartupMessage sent before TLS was established.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,3 +171,65 @@ def test_direct_tls_without_alpn_is_refused(start_sidecar, certs) -> None:
         fake.wait_done()
     assert "ALPN" in message
     assert bytes(fake.connections[0].decrypted) == b""
+
+
+def _sidecar_with_timeouts(start_sidecar, tmp_path: Path, upstream: str, **timeouts: float):
+    cfg = tmp_path / "sidecar.yaml"
+    lines = ["timeouts:"] + [f"  {k}: {v}" for k, v in timeouts.items()]
+    lines += ["routes:", "  - listen: ['127.0.0.1:0']", f"    upstream: '{upstream}'"]
+    cfg.write_text("\n".join(lines) + "\n")
+    return start_sidecar(None, config_path=str(cfg))
+
+
+def test_server_that_never_answers_times_out(start_sidecar, certs, tmp_path: Path) -> None:
+    silent = threading.Event()
+
+    def script(conn: Conn) -> None:
+        conn.recv_exact(8)
+        silent.wait(30)  # accepts TCP, reads the SSLRequest, never answers
+
+    with FakeUpstream(script) as fake:
+        sc = _sidecar_with_timeouts(
+            start_sidecar,
+            tmp_path,
+            f"host=localhost port={fake.port} sslrootcert={certs['ca.cer']}",
+            tls_handshake=0.5,
+        )
+        message = _connect_fails(sc.conninfo(user="app", password="pw", dbname="app"))
+        silent.set()
+    assert "did not complete TLS set-up within 0.5 s" in message
+    _assert_no_plaintext_leak(fake)
+
+
+def test_server_stalling_mid_handshake_times_out(start_sidecar, certs, tmp_path: Path) -> None:
+    silent = threading.Event()
+
+    def script(conn: Conn) -> None:
+        conn.recv_exact(8)
+        conn.sock.sendall(b"S")
+        conn.sock.recv(4096)  # the ClientHello, never answered
+        silent.wait(30)
+
+    with FakeUpstream(script) as fake:
+        sc = _sidecar_with_timeouts(
+            start_sidecar,
+            tmp_path,
+            f"host=localhost port={fake.port} sslrootcert={certs['ca.cer']}",
+            tls_handshake=0.5,
+        )
+        message = _connect_fails(sc.conninfo(user="app", password="pw", dbname="app"))
+        silent.set()
+    assert "during the TLS handshake" in message
+
+
+def test_refused_port_and_unknown_host(start_sidecar, certs) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed_port = s.getsockname()[1]
+    sc = start_sidecar(f"host=127.0.0.1 port={closed_port} sslrootcert={certs['ca.cer']}")
+    message = _connect_fails(sc.conninfo(user="app", password="pw", dbname="app"))
+    assert "could not connect to the upstream server" in message
+    assert "Connection refused" in message
+
+    sc = start_sidecar(f"host=no-such-host.invalid sslrootcert={certs['ca.cer']}")
+    message = _connect_fails(sc.conninfo(user="app", password="pw", dbname="app"))
+    assert 'could not translate host name "no-such-host.invalid"' in message

@@ -8,6 +8,7 @@ sidecar upgraded the session, verified the server and let SCRAM through.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 import threading
@@ -242,3 +243,88 @@ def test_startup_timeout_drops_silent_client(start_sidecar, pg, tmp_path: Path) 
     sc = start_sidecar(None, config_path=str(cfg))
     answer = _raw_exchange(sc, b"")  # connect, send nothing, read until closed
     assert answer == b""  # nothing readable to send before a startup packet, like PostgreSQL
+
+
+def test_protocol_3_2_request_is_negotiated_down_by_the_server(sidecar) -> None:
+    """libpq 18 asks for 3.2; PostgreSQL 15 answers NegotiateProtocolVersion through us."""
+    info = _conninfo(sidecar) + " min_protocol_version=3.0 max_protocol_version=3.2"
+    with psycopg.connect(info) as conn:
+        assert conn.pgconn.protocol_version == 3
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_gssenc_then_ssl_request_both_answered_n(sidecar) -> None:
+    with socket.create_connection((sidecar.host, sidecar.port), timeout=20) as s:
+        s.sendall(struct.pack("!II", 8, 80877104))
+        assert s.recv(1) == b"N"
+        s.sendall(struct.pack("!II", 8, 80877103))
+        assert s.recv(1) == b"N"
+        s.sendall(_startup_packet(user="app", database="app"))
+        kind, body = read_message(s)
+        assert kind == b"R" and struct.unpack("!I", body[:4])[0] == 10
+
+
+def test_upstream_leg_has_tcp_keepalive(sidecar) -> None:
+    with psycopg.connect(_conninfo(sidecar)) as conn:
+        conn.execute("select 1")
+
+        def keepalive() -> tuple[int, int]:
+            (session,) = sidecar.sidecar.sessions
+            sock = session.upstream.transport.get_extra_info("socket")
+            return (
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            )
+
+        assert sidecar.run_in_loop(keepalive) == (1, 60)
+
+
+def test_server_ending_the_session_closes_the_client(sidecar, pg) -> None:
+    """pg_terminate_backend: the server closes its TLS leg, the client sees a clean error."""
+    with psycopg.connect(_conninfo(sidecar), autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        pg.admin_sql(f"select pg_terminate_backend({pid})")
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 1")
+    sidecar.wait_idle()
+    assert _backend_gone(pg, pid)
+
+
+def test_client_half_close_ends_the_backend(sidecar, pg) -> None:
+    """A client that shuts down its write side: the server's backend goes away too."""
+    with psycopg.connect(_conninfo(sidecar) + " application_name=half-closer") as conn:
+        pid = conn.info.backend_pid
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sidecar.wait_idle()
+        finally:
+            sock.close()
+    assert _backend_gone(pg, pid)
+
+
+def _backend_gone(pg, pid: int) -> bool:
+    """Wait (inside the server, bounded to 10 s) for a backend to exit; True if it did."""
+    pg.admin_sql(
+        "do $$ begin for i in 1..200 loop "
+        f"exit when not exists (select 1 from pg_stat_activity where pid = {pid}); "
+        "perform pg_sleep(0.05); perform pg_stat_clear_snapshot(); end loop; end $$"
+    )
+    return pg.admin_sql(f"select count(*) from pg_stat_activity where pid = {pid}") == "0"
+
+
+def test_client_killed_mid_query_leaves_no_backend(sidecar, pg) -> None:
+    conn = psycopg.connect(_conninfo(sidecar), autocommit=True)
+    pid = conn.info.backend_pid
+    # PostgreSQL notices a vanished client during a query only with this check (PG 14+); the
+    # sidecar's part is to close the upstream leg at once, which this makes observable.
+    conn.execute("set client_connection_check_interval = '100ms'")
+    conn.pgconn.send_query(b"select pg_sleep(30)")
+    conn.pgconn.flush()
+    # An abrupt close (RST) of the client socket, as when the application process dies.
+    sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    conn.pgconn.finish()
+    sidecar.wait_idle()
+    assert _backend_gone(pg, pid)
