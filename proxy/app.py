@@ -18,13 +18,26 @@ import ssl
 import stat
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
-from proxy import tls
+from cryptography import x509
+
+from proxy import __version__, tls
+from proxy.admin import AdminServer, Health
 from proxy.endpoint import Endpoint
-from proxy.errors import ListenError
+from proxy.errors import ListenError, UpstreamError
 from proxy.logs import log_event
+from proxy.metrics import Metrics, RouteStats
 from proxy.session import Session
 from proxy.settings import RouteSettings, Settings, TcpListen, UnixListen
+from proxy.status_page import (
+    RouteStatus,
+    SessionSummary,
+    StatusDoc,
+    TlsSummary,
+    certificate_summary,
+)
+from proxy.upstream import UpstreamConnection, connect_upstream
 
 log = logging.getLogger("proxy.app")
 
@@ -40,9 +53,28 @@ class ConnectionLimiter:
 
 
 class RouteRuntime:
-    """A route's settings plus what is built from them once: the TLS context, the counters."""
+    """A route's settings plus what is built from them once: the TLS context, the counters.
 
-    __slots__ = ("_global", "active", "context", "name", "servers", "settings", "timeouts")
+    It also remembers how the upstream last answered — readiness and the status page use it —
+    which is why every upstream connection (sessions, cancels, probes) goes through
+    ``connect()``.
+    """
+
+    __slots__ = (
+        "_global",
+        "_last_chain_der",
+        "active",
+        "context",
+        "last_error",
+        "last_ok",
+        "last_peer",
+        "name",
+        "protocol_metrics",
+        "servers",
+        "settings",
+        "stats",
+        "timeouts",
+    )
 
     def __init__(
         self,
@@ -50,14 +82,43 @@ class RouteRuntime:
         context: ssl.SSLContext,
         parent: Settings,
         limiter: ConnectionLimiter,
+        stats: RouteStats,
     ) -> None:
         self.name = settings.name
         self.settings = settings
         self.context = context
         self.timeouts = parent.timeouts
+        self.protocol_metrics = parent.admin.protocol_metrics
         self.servers: list[asyncio.Server] = []
         self.active = 0
         self._global = limiter
+        self.stats = stats
+        self.last_ok: float | None = None  # monotonic time of the last verified handshake
+        self.last_error: str | None = None
+        self.last_peer: tls.PeerInfo | None = None
+        self._last_chain_der: tuple[bytes, ...] = ()
+        stats.ca_certificates = _configured_roots(settings)
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a verified upstream connection, recording timings, TLS facts and failures."""
+        try:
+            conn = await connect_upstream(self.settings.upstream, self.context, self.timeouts)
+        except UpstreamError as exc:
+            self.stats.upstream_errors[exc.reason] += 1
+            self.last_error = str(exc)
+            raise
+        stats = self.stats
+        stats.connect_seconds.observe(conn.connect_seconds)
+        stats.tls_handshake_seconds.observe(conn.handshake_seconds)
+        peer = conn.peer
+        stats.tls = (peer.version, peer.cipher)
+        if peer.chain_der != self._last_chain_der:  # parse only when the server's chain changes
+            self._last_chain_der = peer.chain_der
+            stats.upstream_chain = tuple(x509.load_der_x509_certificate(d) for d in peer.chain_der)
+        self.last_ok = stats.last_handshake_at = time.monotonic()
+        self.last_error = None
+        self.last_peer = peer
+        return conn
 
     def acquire_slot(self) -> Callable[[], None] | None:
         """Take one connection slot, or return ``None`` when a limit is reached."""
@@ -77,11 +138,22 @@ class RouteRuntime:
 
         return release
 
+    def at_limit(self) -> bool:
+        cap = self.settings.max_connections
+        return cap is not None and self.active >= cap
+
     def limit_description(self) -> str:
         cap = self.settings.max_connections
         if cap is not None and self.active >= cap:
             return f"route {self.name!r} allows max_connections={cap}"
         return f"the sidecar allows max_connections={self._global.limit}"
+
+
+def _configured_roots(settings: RouteSettings) -> tuple[x509.Certificate, ...]:
+    path = settings.upstream.sslrootcert
+    if path is None or path == "system":
+        return ()
+    return tuple(tls.load_certificates(path))
 
 
 class Sidecar:
@@ -93,8 +165,13 @@ class Sidecar:
         self.routes: list[RouteRuntime] = []
         self.sessions: dict[Session, asyncio.Task[None]] = {}
         self.draining = False
+        self.started = False
+        self.started_at = time.time()
+        self.metrics = Metrics(__version__, [r.name for r in settings.routes])
+        self.admin: AdminServer | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        self._probes: list[asyncio.Task[None]] = []
         self._unix_paths: list[tuple[str, int]] = []
 
     # -- start --------------------------------------------------------------------------------
@@ -104,15 +181,25 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
         self.routes = [
-            RouteRuntime(r, tls.build_client_context(r.upstream), self.settings, self.limiter)
+            RouteRuntime(
+                r,
+                tls.build_client_context(r.upstream),
+                self.settings,
+                self.limiter,
+                self.metrics.route(r.name),
+            )
             for r in self.settings.routes
         ]
         try:
             for route in self.routes:
                 for listen in route.settings.listen:
                     route.servers.append(await self._bind(route, listen))
+            if self.settings.admin.listen is not None:
+                self.admin = AdminServer(self, self.settings.admin.listen)
+                await self.admin.start()
         except BaseException:
             self._close_servers()
+            self._close_admin()
             raise
         for route in self.routes:
             for server in route.servers:
@@ -130,6 +217,8 @@ class Sidecar:
                 sslrootcert=up.sslrootcert or ("system" if up.sslmode != "require" else None),
                 sslnegotiation=up.sslnegotiation,
             )
+            if self.admin is not None and self.settings.admin.readiness_upstream_check:
+                self._probes.append(loop.create_task(self._probe_upstream(route)))
             if up.sslmode == "require" and up.sslrootcert is None:
                 log.warning(
                     "route %r: sslmode=require without sslrootcert does NOT verify the server's "
@@ -137,6 +226,129 @@ class Sidecar:
                     "sslrootcert and sslmode=verify-full.",
                     route.name,
                 )
+        self.started = True
+        if self.admin is not None:
+            host, port = self.admin.address
+            log_event(log, logging.INFO, "admin_ready", "admin endpoint", listen=f"{host}:{port}")
+
+    async def _probe_upstream(self, route: RouteRuntime) -> None:
+        """Keep readiness honest while idle: a verified handshake at least every interval/2.
+
+        The probe stops after the TLS handshake (no StartupMessage), which PostgreSQL accepts
+        silently. Any real session's handshake counts too, so a busy sidecar never probes.
+        """
+        interval = self.settings.admin.readiness_upstream_interval
+        healthy: bool | None = None
+        while True:
+            last = route.last_ok
+            if last is None or time.monotonic() - last > interval / 2:
+                try:
+                    conn = await route.connect()
+                except UpstreamError as exc:
+                    if healthy is not False:
+                        log.warning("route %r: upstream check failed: %s", route.name, exc)
+                    healthy = False
+                else:
+                    conn.endpoint.close()
+                    if healthy is False:
+                        log.info("route %r: upstream check succeeded again", route.name)
+                    healthy = True
+            await asyncio.sleep(interval / 4)
+
+    def health(self) -> Health:
+        """Kubernetes probe semantics: why the sidecar should not get new connections now."""
+        reasons: list[str] = []
+        if not self.started:
+            reasons.append("starting: listeners are not bound yet")
+        if self.draining:
+            reasons.append("draining: shutting down, not accepting new connections")
+        if self.limiter.active >= self.limiter.limit:
+            reasons.append(
+                f"at max_connections: {self.limiter.active} of {self.limiter.limit} in use"
+            )
+        admin = self.settings.admin
+        now = time.monotonic()
+        for route in self.routes:
+            if route.at_limit():
+                reasons.append(f"route {route.name!r}: at its max_connections")
+            if admin.readiness_upstream_check and (
+                route.last_ok is None or now - route.last_ok > admin.readiness_upstream_interval
+            ):
+                why = f": {route.last_error}" if route.last_error else ""
+                reasons.append(
+                    f"route {route.name!r}: no verified TLS handshake with "
+                    f"{route.settings.upstream.describe()} in the last "
+                    f"{admin.readiness_upstream_interval:g} s{why}"
+                )
+        return Health(started=self.started, live=True, ready=not reasons, reasons=tuple(reasons))
+
+    def status(self) -> StatusDoc:
+        """The document behind ``/status``: facts an operator needs, never a secret."""
+        now = datetime.now(UTC)
+        mono = time.monotonic()
+        health = self.health()
+        by_route: dict[str, list[SessionSummary]] = {r.name: [] for r in self.routes}
+        for session in self.sessions:
+            info = session.info
+            by_route.setdefault(info.route, []).append(
+                SessionSummary(
+                    id=info.id,
+                    client=info.client,
+                    user=info.user,
+                    database=info.database,
+                    application=info.application_name,
+                    age_seconds=round(mono - info.started, 3),
+                    bytes_client_to_server=session.client.bytes_in,
+                    bytes_server_to_client=(
+                        session.upstream.bytes_in if session.upstream is not None else 0
+                    ),
+                )
+            )
+        routes: list[RouteStatus] = []
+        for route in self.routes:
+            up = route.settings.upstream
+            tls_summary: TlsSummary | None = None
+            if route.last_peer is not None and route.last_ok is not None:
+                at = datetime.fromtimestamp(time.time() - (mono - route.last_ok), UTC)
+                tls_summary = TlsSummary(
+                    version=route.last_peer.version,
+                    cipher=route.last_peer.cipher,
+                    alpn=route.last_peer.alpn,
+                    at=at.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                )
+            routes.append(
+                RouteStatus(
+                    name=route.name,
+                    listeners=[_describe(a) for a in self._route_addresses(route)],
+                    upstream=up.describe(),
+                    server_name=up.verify_name,
+                    sslmode=up.sslmode,
+                    sslrootcert=up.sslrootcert,
+                    active_connections=route.active,
+                    max_connections=route.settings.max_connections,
+                    tls=tls_summary,
+                    server_certificates=[
+                        certificate_summary(c, now) for c in route.stats.upstream_chain
+                    ],
+                    ca_certificates=[
+                        certificate_summary(c, now) for c in route.stats.ca_certificates
+                    ],
+                    sessions=by_route.get(route.name, []),
+                )
+            )
+        return StatusDoc(
+            version=__version__,
+            generated_at=now.isoformat(timespec="seconds").replace("+00:00", "Z"),
+            started_at=datetime.fromtimestamp(self.started_at, UTC)
+            .isoformat(timespec="seconds")
+            .replace("+00:00", "Z"),
+            uptime_seconds=round(time.time() - self.started_at, 3),
+            ready=health.ready,
+            reasons=list(health.reasons),
+            active_connections=self.limiter.active,
+            max_connections=self.limiter.limit,
+            routes=routes,
+        )
 
     async def _bind(self, route: RouteRuntime, listen: TcpListen | UnixListen) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -235,6 +447,11 @@ class Sidecar:
                     if task in pending:
                         session.abort()
                 await asyncio.wait(pending, timeout=5)
+        for probe in self._probes:
+            probe.cancel()
+        if self._probes:
+            await asyncio.wait(self._probes)
+        self._close_admin()
         log.info("stopped after %.1fs", time.monotonic() - started)
         assert self._stopped is not None
         if not self._stopped.done():
@@ -247,6 +464,10 @@ class Sidecar:
     async def shutdown(self, drain: float | None = None) -> None:
         self.request_shutdown(drain)
         await self.wait_stopped()
+
+    def _close_admin(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
 
     def _close_servers(self) -> None:
         for route in self.routes:

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="libpq key=value string or postgresql:// URI of the TLS-only server "
         "(default: the PG* environment variables)",
     )
+    run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="address of the /metrics, /readyz, /status endpoint (default 127.0.0.1:9432; "
+        "'off' disables it)",
+    )
     run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     run.add_argument(
         "--log-level",
@@ -125,6 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             unix_sockets=args.unix_socket,
             unix_socket_mode=args.unix_socket_mode,
             upstream=args.upstream,
+            admin_listen=args.admin_listen,
             log_format=args.log_format,
             log_level=args.log_level,
             environ=os.environ,

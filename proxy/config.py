@@ -15,6 +15,7 @@ they change?
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import logging
@@ -35,6 +36,7 @@ from proxy.errors import ConfigError
 from proxy.settings import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_PORT,
+    AdminSettings,
     Limits,
     Listen,
     LogFormat,
@@ -142,7 +144,9 @@ _KEEPALIVE_LIMITS: Final = {
 _ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 
-_TOP_KEYS: Final = ("timeouts", "limits", "logging", "routes")
+_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "routes")
+_ADMIN_KEYS: Final = ("listen", "readiness", "protocol_metrics")
+_READINESS_KEYS: Final = ("upstream_check", "interval")
 _ROUTE_KEYS: Final = ("name", "listen", "unix_socket", "max_connections", "upstream")
 _UNIX_KEYS: Final = ("directory", "mode")
 _DEFAULT_UNIX_MODE: Final = 0o777
@@ -741,6 +745,78 @@ def _logging(value: object) -> LogSettings:
     )
 
 
+# --- admin endpoint
+
+
+def _admin_listen(value: object, key: str) -> TcpListen | None:
+    """``HOST:PORT``, a bare port, or off: YAML reads an unquoted ``off``/``false`` as False."""
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        _fail(
+            key,
+            f"must be HOST:PORT or off, not {_type_name(value)}",
+            value=value,
+            fix='e.g. "127.0.0.1:9432", or off to run without the admin endpoint',
+        )
+    return parse_listen(value, key=key)
+
+
+def _admin(value: object) -> AdminSettings:
+    fields = _mapping(value, "admin", _ADMIN_KEYS)
+    defaults = AdminSettings()
+    readiness = _mapping(fields.get("readiness", {}), "admin.readiness", _READINESS_KEYS)
+    return AdminSettings(
+        listen=(
+            _admin_listen(fields["listen"], "admin.listen")
+            if "listen" in fields
+            else defaults.listen
+        ),
+        readiness_upstream_check=(
+            _boolean(readiness["upstream_check"], "admin.readiness.upstream_check")
+            if "upstream_check" in readiness
+            else defaults.readiness_upstream_check
+        ),
+        readiness_upstream_interval=(
+            _seconds(readiness["interval"], "admin.readiness.interval")
+            if "interval" in readiness
+            else defaults.readiness_upstream_interval
+        ),
+        protocol_metrics=(
+            _boolean(fields["protocol_metrics"], "admin.protocol_metrics")
+            if "protocol_metrics" in fields
+            else defaults.protocol_metrics
+        ),
+    )
+
+
+def _check_admin(
+    admin: AdminSettings, key: str, source: str | None, routes: list[RouteSettings]
+) -> None:
+    """The admin port must not take a route's address: one of the two would fail to bind."""
+    listen = admin.listen
+    if listen is None:
+        return
+    for route in routes:
+        for listener in route.listen:
+            if _conflict(listen, listener):
+                with _source(source):
+                    _fail(
+                        key,
+                        f"{listen.describe()} is also bound by route '{route.name}'",
+                        fix="give the admin endpoint its own port (default 9432), or off",
+                    )
+    if not _is_loopback(listen.host):
+        log.warning(
+            "the admin endpoint listens on %s, which is not a loopback address: metrics and the "
+            "status page (user, database and client names, no secrets) are reachable from the "
+            "network; POST /shutdown is still only accepted from loopback",
+            listen.describe(),
+        )
+
+
 # --- routes
 
 
@@ -858,15 +934,18 @@ def load_settings(
     upstream: str | None = None,
     log_format: str | None = None,
     log_level: str | None = None,
+    admin_listen: str | None = None,
     environ: Mapping[str, str],
 ) -> Settings:
     """Build the whole configuration, or raise ``ConfigError`` before anything is started.
 
     The arguments are the CLI's flags (``--config``, ``--listen``, ``--unix-socket``,
-    ``--unix-socket-mode``, ``--upstream``, ``--log-format``, ``--log-level``) and the process
-    environment, passed in so tests never touch ``os.environ``.
+    ``--unix-socket-mode``, ``--upstream``, ``--log-format``, ``--log-level``,
+    ``--admin-listen``: ``HOST:PORT`` or ``off``) and the process environment, passed in so
+    tests never touch ``os.environ``.
     """
     timeouts, limits, log_settings = Timeouts(), Limits(), LogSettings()
+    admin, admin_key, admin_source = AdminSettings(), "admin.listen", config_path
     routes: list[_Route] = []
     if config_path is not None:
         document = _read_yaml(config_path)
@@ -878,6 +957,8 @@ def load_settings(
                 limits = _limits(document["limits"])
             if "logging" in document:
                 log_settings = _logging(document["logging"])
+            if "admin" in document:
+                admin = _admin(document["admin"])
             if "routes" in document:
                 routes = _file_routes(document["routes"], base_dir, config_path)
 
@@ -918,13 +999,19 @@ def load_settings(
     if log_level is not None:
         log_settings = LogSettings(log_settings.format, _log_level(log_level, "--log-level"))
 
+    if admin_listen is not None:
+        admin = dataclasses.replace(admin, listen=_admin_listen(admin_listen, "--admin-listen"))
+        admin_key, admin_source = "--admin-listen", None
+
     finished = _finish_routes(routes)
+    _check_admin(admin, admin_key, admin_source, finished)
     _warn_exposed(finished)
     return Settings(
         routes=tuple(finished),
         timeouts=timeouts,
         limits=limits,
         logging=log_settings,
+        admin=admin,
         source=config_path,
     )
 

@@ -14,8 +14,12 @@ with ``await read()``; the inbox is bounded and reading pauses when it is full.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from proxy.metrics import RouteStats
 
 INBOX_LIMIT: Final = 64 * 1024
 
@@ -31,11 +35,14 @@ class Endpoint(asyncio.Protocol):
         "_waiter",
         "bytes_in",
         "closed_exc",
+        "counts_upstream_bytes",
         "eof",
         "name",
+        "observe",
         "on_connected",
         "sink",
         "source",
+        "stats",
         "tls",
         "transport",
         "write_paused",
@@ -47,6 +54,11 @@ class Endpoint(asyncio.Protocol):
         self.tls = False
         # Set by the listener so an accepted connection starts its session coroutine.
         self.on_connected: Callable[[Endpoint], None] | None = None
+        # Metrics: byte counters bumped inline, and the protocol scanner for this direction
+        # (``None`` when protocol metrics are off or before the session is established).
+        self.stats: RouteStats | None = None
+        self.counts_upstream_bytes = name == "upstream"
+        self.observe: Callable[[bytes, float], None] | None = None
         self.sink: Endpoint | None = None  # where data read here goes, once relaying
         self.source: Endpoint | None = None  # who writes into this endpoint while relaying
         self.bytes_in = 0
@@ -69,9 +81,19 @@ class Endpoint(asyncio.Protocol):
             self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        size = len(data)
+        self.bytes_in += size
+        stats = self.stats
+        if stats is not None:
+            if self.counts_upstream_bytes:
+                stats.bytes_server_to_client += size
+            else:
+                stats.bytes_client_to_server += size
         sink = self.sink
         if sink is not None:
+            observe = self.observe
+            if observe is not None:
+                observe(data, time.monotonic())
             sink.write(data)
             return
         self._inbox.append(data)
@@ -136,7 +158,10 @@ class Endpoint(asyncio.Protocol):
     def relay_to(self, sink: Endpoint) -> None:
         """From now on, bytes arriving here go straight to ``sink`` (buffered ones first)."""
         if self._inbox:
-            sink.write(self._take_inbox())
+            data = self._take_inbox()
+            if self.observe is not None:
+                self.observe(data, time.monotonic())
+            sink.write(data)
         self.sink = sink
         sink.source = self
         if sink.write_paused:

@@ -33,8 +33,9 @@ from proxy.errors import (
     UpstreamError,
 )
 from proxy.logs import log_event
-from proxy.upstream import UpstreamConnection, connect_upstream
+from proxy.upstream import UpstreamConnection
 from proxy.wire.backend_startup import BackendStartupFilter
+from proxy.wire.message_scanner import SessionScanner
 from proxy.wire.messages import error_response
 from proxy.wire.startup import (
     CancelRequest,
@@ -86,6 +87,8 @@ class Session:
         self._release: Callable[[], None] | None = None
 
     async def run(self) -> None:
+        self.route.stats.active += 1
+        self.client.stats = self.route.stats
         try:
             await self._run()
         except _ClientGone as exc:
@@ -105,11 +108,13 @@ class Session:
                 None,
             )
         finally:
+            self.route.stats.active -= 1
             if self._release is not None:
                 self._release()
             self.client.close()
             if self.upstream is not None:
                 self.upstream.close()
+            self._record_outcome()
             self._log_closed()
 
     def abort(self) -> None:
@@ -133,15 +138,21 @@ class Session:
         if self._release is None:
             # Like PostgreSQL: the error goes after the StartupMessage so the client can show it.
             raise _LimitReached(self.route.limit_description())
-        conn = await connect_upstream(
-            self.route.settings.upstream, self.route.context, self.route.timeouts
-        )
+        conn = await self.route.connect()
         self.upstream = conn.endpoint
         self._note_upstream(conn)
         upstream = conn.endpoint
-        upstream.write(event.raw + parser.take_remaining())
+        upstream.stats = self.route.stats
+        scanner = SessionScanner(self.route.stats) if self.route.protocol_metrics else None
+        rest = parser.take_remaining()
+        upstream.write(event.raw + rest)
+        if scanner is not None:
+            # Scanning starts right after the StartupMessage; password messages are hopped over.
+            if rest:
+                scanner.feed_frontend(rest, time.monotonic())
+            self.client.observe = scanner.feed_frontend
         self.client.relay_to(upstream)
-        if not await self._relay_authentication(upstream):
+        if not await self._relay_authentication(upstream, scanner):
             return
         log_event(
             log,
@@ -152,6 +163,7 @@ class Session:
         )
         self.info.outcome = "ok"
         await asyncio.gather(self.client.closed, upstream.closed)
+        self.route.stats.session_seconds.observe(time.monotonic() - self.info.started)
         if self.info.outcome == "ok" and upstream.closed_exc is not None:
             self.info.outcome = "upstream_lost"
             self.info.error = str(upstream.closed_exc)
@@ -175,9 +187,7 @@ class Session:
     async def _forward_cancel(self, event: CancelRequest) -> None:
         """Send the cancel key on a fresh verified connection, as libpq's PQcancel would."""
         self.info.outcome = "cancel"
-        conn = await connect_upstream(
-            self.route.settings.upstream, self.route.context, self.route.timeouts
-        )
+        conn = await self.route.connect()
         self.upstream = conn.endpoint
         self._note_upstream(conn)
         conn.endpoint.write(event.raw)
@@ -193,7 +203,9 @@ class Session:
                 CANCEL_FORWARD_TIMEOUT,
             )
 
-    async def _relay_authentication(self, upstream: Endpoint) -> bool:
+    async def _relay_authentication(
+        self, upstream: Endpoint, scanner: SessionScanner | None
+    ) -> bool:
         """Pass server messages through the startup filter until the session is established."""
         filt = BackendStartupFilter()
         client = self.client
@@ -214,6 +226,10 @@ class Session:
         rest = filt.take_remaining()
         if rest:
             client.write(rest)
+        if scanner is not None and filt.server_error_sqlstate is None:
+            if rest:
+                scanner.feed_backend(rest, time.monotonic())
+            upstream.observe = scanner.feed_backend
         if filt.server_error_sqlstate is not None:
             self.info.outcome = "server_rejected"
             self.info.error = f"SQLSTATE {filt.server_error_sqlstate}"
@@ -256,6 +272,26 @@ class Session:
             "tls_version": info.tls_version,
             "cipher": info.tls_cipher,
         }
+
+    def _record_outcome(self) -> None:
+        """Count the session under one bounded ``result`` (and ``reason``) label."""
+        stats = self.route.stats
+        outcome = self.info.outcome
+        if outcome in ("ok", "shutdown", "open"):
+            result = "ok"
+        elif outcome in ("limit", "protocol_error", "startup_timeout"):
+            result = "rejected"
+            stats.rejected[outcome] += 1
+        elif outcome in ("upstream_lost", "upstream_closed_during_startup"):
+            result = "upstream_error"
+            stats.upstream_errors["closed"] += 1
+        elif outcome.startswith("upstream_"):
+            result = "upstream_error"  # counted by reason where it happened (RouteRuntime.connect)
+        elif outcome in ("server_rejected", "cancel", "client_gone"):
+            result = outcome
+        else:  # pragma: no cover - every outcome above is listed; keep the label set bounded
+            result = "client_gone"
+        stats.connections[result] += 1
 
     def _log_closed(self) -> None:
         info = self.info

@@ -125,10 +125,30 @@ class LogSettings:
     level: str = "INFO"
 
 
+DEFAULT_ADMIN_PORT: Final = 9432  # no common exporter uses it; next to PostgreSQL's 5432
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin HTTP endpoint: metrics, probes, status page and the shutdown hook.
+
+    Loopback by default because the status page names users, databases and client addresses;
+    in Kubernetes, where probes and Prometheus reach the pod's IP, it has to be widened.
+    """
+
+    listen: TcpListen | None = TcpListen(DEFAULT_LISTEN_HOST, DEFAULT_ADMIN_PORT)  # None: off
+    # Ready only if an upstream TLS handshake succeeded within the interval (probing when idle),
+    # so a pod whose server or CA bundle is broken is taken out of rotation.
+    readiness_upstream_check: bool = True
+    readiness_upstream_interval: float = 30.0
+    protocol_metrics: bool = True  # per-message metrics: queries, transactions, server errors
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[RouteSettings, ...]
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     logging: LogSettings = LogSettings()
+    admin: AdminSettings = AdminSettings()
     source: str | None = None  # the config file this came from, for messages

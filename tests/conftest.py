@@ -307,6 +307,8 @@ def start_sidecar() -> Iterator[StartSidecar]:
         from proxy.config import load_settings
 
         kwargs.setdefault("listen", ["127.0.0.1:0"])
+        # No admin endpoint (and so no readiness probes) unless a test asks for one.
+        kwargs.setdefault("admin_listen", "off")
         kwargs.setdefault("environ", {})
         kwargs.setdefault("config_path", None)
         settings = load_settings(upstream=upstream, **kwargs)

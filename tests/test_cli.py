@@ -63,7 +63,16 @@ def test_address_in_use_exits_1(pg_upstream: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         res = subprocess.run(
-            [*PROXY, "run", "--listen", f"127.0.0.1:{port}", "--upstream", pg_upstream],
+            [
+                *PROXY,
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin-listen",
+                "off",
+                "--upstream",
+                pg_upstream,
+            ],
             capture_output=True,
             text=True,
             env=_env(),
@@ -79,7 +88,17 @@ def _running(
     *args: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     proc = subprocess.Popen(
-        [*PROXY, "run", "--listen", "127.0.0.1:0", "--log-format", "json", *args],
+        [
+            *PROXY,
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            *args,
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env=env or _env(),

@@ -17,6 +17,7 @@ from proxy.config import load_settings, parse_listen, upstream_from_params
 from proxy.conninfo import parse_conninfo
 from proxy.errors import ConfigError
 from proxy.settings import (
+    AdminSettings,
     Limits,
     LogSettings,
     Settings,
@@ -954,3 +955,169 @@ def test_refused_upstream_logs_no_warnings(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING, logger="proxy.config"):
         config_error({"dbname": "postgres", "host": "db", "password": "x"})
     assert [r for r in caplog.records if r.name == "proxy.config"] == []
+
+
+# --- the admin endpoint
+
+
+def test_admin_defaults() -> None:
+    admin = load(upstream="host=db").admin
+    assert admin == AdminSettings()
+    assert admin.listen == TcpListen("127.0.0.1", 9432)
+    assert admin.readiness_upstream_check is True
+    assert admin.readiness_upstream_interval == 30.0
+    assert admin.protocol_metrics is True
+
+
+@pytest.mark.parametrize(
+    ("flag", "expected"),
+    [
+        ("127.0.0.1:0", TcpListen("127.0.0.1", 0)),
+        ("9500", TcpListen("127.0.0.1", 9500)),
+        ("[::1]:9432", TcpListen("::1", 9432)),
+        ("off", None),
+        (" OFF ", None),
+    ],
+)
+def test_admin_listen_flag(flag: str, expected: TcpListen | None) -> None:
+    assert load(upstream="host=db", admin_listen=flag).admin.listen == expected
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ("admin: null\n", AdminSettings()),
+        ("admin: {listen: null, readiness: null}\n", AdminSettings()),
+        ("admin: {listen: off}\n", AdminSettings(listen=None)),  # YAML reads off as false
+        ('admin: {listen: "off"}\n', AdminSettings(listen=None)),
+        ("admin: {listen: false}\n", AdminSettings(listen=None)),
+        ("admin: {listen: 9555}\n", AdminSettings(listen=TcpListen("127.0.0.1", 9555))),
+        (
+            'admin: {listen: "0.0.0.0:9432"}\n',
+            AdminSettings(listen=TcpListen("0.0.0.0", 9432)),  # noqa: S104 - parsed, not bound
+        ),
+        (
+            "admin:\n  readiness: {upstream_check: false, interval: 2.5}\n"
+            "  protocol_metrics: false\n",
+            AdminSettings(
+                readiness_upstream_check=False,
+                readiness_upstream_interval=2.5,
+                protocol_metrics=False,
+            ),
+        ),
+    ],
+)
+def test_admin_section(document: str, expected: AdminSettings, tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(document)
+    assert load(config_path=str(config), upstream="host=db").admin == expected
+
+
+def test_admin_flag_replaces_only_the_address(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text('admin: {listen: "127.0.0.1:9600", readiness: {interval: 5}}\n')
+    admin = load(config_path=str(config), upstream="host=db", admin_listen="127.0.0.1:0").admin
+    assert admin == AdminSettings(listen=TcpListen("127.0.0.1", 0), readiness_upstream_interval=5)
+
+
+@pytest.mark.parametrize(
+    ("document", "key", "fragment"),
+    [
+        ("admin: {lisen: x}\n", "admin.lisen", "unknown key; did you mean listen?"),
+        ('admin: {listen: "localhost"}\n', "admin.listen", "missing a host or port"),
+        ("admin: {listen: [a]}\n", "admin.listen", "must be HOST:PORT or off, not a list"),
+        ("admin: {listen: on}\n", "admin.listen", "must be HOST:PORT or off, not a boolean"),
+        ("admin: {readiness: {interval: 0}}\n", "admin.readiness.interval", "positive"),
+        ("admin: {readiness: {intervall: 5}}\n", "admin.readiness.intervall", "did you mean"),
+        ("admin: {readiness: true}\n", "admin.readiness", "must be a mapping"),
+        ("admin: {protocol_metrics: maybe}\n", "admin.protocol_metrics", "0 or 1"),
+        ("admin: [listen]\n", "admin", "must be a mapping, not a list"),
+    ],
+)
+def test_admin_section_errors(document: str, key: str, fragment: str, tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(document)
+    error = load_error(config_path=str(config), upstream="host=db")
+    assert error.key == key
+    assert error.source == str(config)
+    assert fragment in str(error)
+
+
+@pytest.mark.parametrize("flag", ["nonsense", "127.0.0.1:99999", ":9432"])
+def test_admin_listen_flag_errors(flag: str) -> None:
+    error = load_error(upstream="host=db", admin_listen=flag)
+    assert error.key == "--admin-listen"
+
+
+@pytest.mark.parametrize(
+    ("route_listen", "admin_listen"),
+    [
+        ("127.0.0.1:9432", None),  # a route on the default admin port
+        ("127.0.0.1:6432", "127.0.0.1:6432"),
+        ("127.0.0.1:6432", "0.0.0.0:6432"),
+        ("[::]:6432", "[::1]:6432"),
+    ],
+)
+def test_admin_address_must_not_be_a_route_listener(
+    route_listen: str, admin_listen: str | None
+) -> None:
+    error = load_error(upstream="host=db", listen=[route_listen], admin_listen=admin_listen)
+    assert error.key == ("--admin-listen" if admin_listen else "admin.listen")
+    assert "is also bound by route 'default'" in str(error)
+    assert "own port" in str(error)
+
+
+def test_admin_collision_in_a_file_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text('admin: {listen: "127.0.0.1:6432"}\nroutes:\n  - listen: "6432"\n')
+    error = load_error(config_path=str(config), upstream="host=db")
+    assert (error.key, error.source) == ("admin.listen", str(config))
+
+
+@pytest.mark.parametrize(
+    ("route_listen", "admin_listen"),
+    [
+        ("127.0.0.1:9432", "off"),
+        ("127.0.0.1:6432", "127.0.0.1:6433"),
+        ("127.0.0.1:6432", "127.0.0.2:6432"),
+        ("[::]:6432", "127.0.0.1:6432"),  # other address family
+        ("127.0.0.1:0", "127.0.0.1:0"),  # ephemeral ports never collide
+    ],
+)
+def test_admin_addresses_that_do_not_collide(route_listen: str, admin_listen: str) -> None:
+    load(upstream="host=db", listen=[route_listen], admin_listen=admin_listen)
+
+
+def test_non_loopback_admin_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="proxy.config"):
+        load(upstream="host=db", admin_listen="0.0.0.0:9432")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "proxy.config"]
+    assert len(warnings) == 1
+    assert "admin endpoint listens on 0.0.0.0:9432, which is not a loopback address" in warnings[0]
+
+
+def test_loopback_admin_does_not_warn(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="proxy.config"):
+        load(upstream="host=db", admin_listen="[::1]:9432")
+    assert [r for r in caplog.records if r.name == "proxy.config"] == []
+
+
+def test_defaults_file_documents_the_admin_section() -> None:
+    field_for = {
+        "listen": "listen",
+        "readiness.upstream_check": "readiness_upstream_check",
+        "readiness.interval": "readiness_upstream_interval",
+        "protocol_metrics": "protocol_metrics",
+    }
+    admin = yaml.safe_load((REPO / "config" / "defaults.yaml").read_text())["admin"]
+    keys = {name for name in admin if name != "readiness"}
+    keys |= {f"readiness.{name}" for name in admin["readiness"]}
+    assert keys == set(field_for)
+    assert set(field_for.values()) == {f.name for f in dataclasses.fields(AdminSettings)}
+
+
+def test_example_configuration_admin_section(tmp_path: Path) -> None:
+    example = yaml.safe_load((REPO / "config" / "sidecar.example.yaml").read_text())
+    config = tmp_path / "admin.yaml"
+    config.write_text(yaml.safe_dump({"admin": example["admin"]}))
+    assert load(config_path=str(config), upstream="host=db").admin == AdminSettings()
