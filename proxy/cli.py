@@ -96,6 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level (default info)",
     )
 
+    wait = sub.add_parser(
+        "wait",
+        help="block until the local sidecar is ready (for entrypoints and HEALTHCHECK)",
+        description="Poll the admin endpoint's /readyz until it answers 200.",
+        epilog="""\
+examples:
+  pg-tls-sidecar wait --timeout 30 && exec php-fpm     # start the app once the proxy is ready
+  pg-tls-sidecar wait --probe live --timeout 3         # a container HEALTHCHECK
+
+exit codes: 0 ready (or live), 1 not ready before the timeout, 2 usage error""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wait.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        default="127.0.0.1:9432",
+        help="the sidecar's admin address (default 127.0.0.1:9432)",
+    )
+    wait.add_argument(
+        "--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds"
+    )
+    wait.add_argument(
+        "--probe",
+        choices=("ready", "live", "startup"),
+        default="ready",
+        help="which probe to wait for (default ready)",
+    )
+
     demo = sub.add_parser(
         "demo",
         help="start a local TLS-only PostgreSQL, the sidecar, and a plaintext client through it",
@@ -110,12 +138,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command == "wait":
+        return _cmd_wait(args)
     if args.command == "demo":
         from proxy.demo.run import main as demo_main
 
         return demo_main(once=args.once)
     parser.print_help(sys.stderr)
     return EXIT_CONFIG
+
+
+def _cmd_wait(args: argparse.Namespace) -> int:
+    from proxy.config import parse_listen
+    from proxy.wait import wait_ready
+
+    try:
+        admin = parse_listen(args.admin, key="--admin")
+    except ConfigError as exc:
+        print(f"pg-tls-sidecar wait: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    path = {"ready": "/readyz", "live": "/livez", "startup": "/startup"}[args.probe]
+    return wait_ready(admin.host, admin.port, timeout=args.timeout, path=path)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -174,3 +174,37 @@ def test_environment_only_configuration(pg) -> None:
             assert row.fetchone() == (True,)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_wait_returns_once_ready_and_fails_on_timeout(pg_upstream: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        nobody = s.getsockname()[1]
+    res = subprocess.run(
+        [*PROXY, "wait", "--admin", f"127.0.0.1:{nobody}", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 1
+    assert "not ready after 1 s" in res.stderr
+
+    with _running("--upstream", pg_upstream) as (proc, _port):
+        assert proc.stderr is not None
+        admin = _admin_address(proc.stderr)
+        res = subprocess.run(
+            [*PROXY, "wait", "--admin", admin, "--timeout", "30"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def _admin_address(stream: IO[str]) -> str:
+    for line in stream:
+        doc = json.loads(line)
+        if doc.get("event") == "admin_ready":
+            return str(doc["listen"])
+    raise AssertionError("the sidecar never logged its admin address")
