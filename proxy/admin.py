@@ -57,6 +57,7 @@ ENDPOINTS: Final[dict[str, tuple[str, ...]]] = {
     "/readyz": _GET,
     "/status": _GET,
     "/shutdown": ("POST",),
+    "/reload": ("POST",),
 }
 
 _REQUEST_LINE: Final = re.compile(r"([A-Z]{1,16}) (/[!-~]*) HTTP/(\d)\.(\d)")
@@ -85,6 +86,10 @@ class AdminSource(Protocol):
 
     def request_shutdown(self) -> None:
         """Start the same graceful drain as SIGTERM; must return at once."""
+        ...
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration like SIGHUP; (applied?, what happened)."""
         ...
 
 
@@ -285,7 +290,7 @@ class AdminServer:
         try:
             async with asyncio.timeout(self._read_timeout):
                 request = await read_request(reader)
-            response = self._dispatch(request, peer)
+            response = await self._dispatch(request, peer)
         except HttpError as exc:
             response = exc.response()
         except TimeoutError:
@@ -313,7 +318,7 @@ class AdminServer:
             await writer.drain()
         await _linger(reader, writer)
 
-    def _dispatch(self, request: Request, peer: object) -> Response:
+    async def _dispatch(self, request: Request, peer: object) -> Response:
         allowed = ENDPOINTS.get(request.path)
         if allowed is None:
             raise HttpError(404, f"no such endpoint; try {', '.join(ENDPOINTS)}")
@@ -328,6 +333,10 @@ class AdminServer:
             return Response(200, body, content_type)
         if request.path == "/shutdown":
             return self._shutdown(request, peer)
+        if request.path == "/reload":
+            self._check_local_operator(request, peer, "reload")
+            applied, message = await self._source.reload()
+            return Response(200 if applied else 409, message.encode() + b"\n")
         if request.path == "/status":
             return self._status(request)
         health = self._source.health()
@@ -352,11 +361,16 @@ class AdminServer:
             (("Content-Security-Policy", _HTML_POLICY),),
         )
 
-    def _shutdown(self, request: Request, peer: object) -> Response:
+    @staticmethod
+    def _check_local_operator(request: Request, peer: object, what: str) -> None:
+        """Operations that change the sidecar: loopback peers only, never from a web page."""
         if not _is_loopback(peer):
-            raise HttpError(403, "shutdown is accepted only from a loopback address")
+            raise HttpError(403, f"{what} is accepted only from a loopback address")
         if request.header("origin") is not None:
-            raise HttpError(403, "shutdown is not accepted from a web page (Origin header)")
+            raise HttpError(403, f"{what} is not accepted from a web page (Origin header)")
+
+    def _shutdown(self, request: Request, peer: object) -> Response:
+        self._check_local_operator(request, peer, "shutdown")
         log.info("shutdown requested over the admin endpoint by %s", _describe_peer(peer))
         self._source.request_shutdown()
         return Response(202, b"shutting down\n")

@@ -14,22 +14,20 @@ import errno
 import logging
 import os
 import socket
-import ssl
 import stat
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from cryptography import x509
-
 from proxy import __version__, tls
 from proxy.admin import AdminServer, Health
 from proxy.endpoint import Endpoint
-from proxy.errors import ListenError, UpstreamError
-from proxy.logs import log_event
+from proxy.errors import ConfigError, ListenError, UpstreamError
+from proxy.logs import configure_logging, log_event
 from proxy.metrics import Metrics, RouteStats
+from proxy.route import ConnectionLimiter, RouteRuntime
 from proxy.session import Session
-from proxy.settings import RouteSettings, Settings, TcpListen, UnixListen
+from proxy.settings import Listen, Settings, TcpListen, UnixListen
 from proxy.status_page import (
     RouteStatus,
     SessionSummary,
@@ -37,129 +35,16 @@ from proxy.status_page import (
     TlsSummary,
     certificate_summary,
 )
-from proxy.upstream import UpstreamConnection, connect_upstream
 
 log = logging.getLogger("proxy.app")
-
-
-class ConnectionLimiter:
-    """Counts sessions against the global and per-route ``max_connections``."""
-
-    __slots__ = ("active", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-
-class RouteRuntime:
-    """A route's settings plus what is built from them once: the TLS context, the counters.
-
-    It also remembers how the upstream last answered — readiness and the status page use it —
-    which is why every upstream connection (sessions, cancels, probes) goes through
-    ``connect()``.
-    """
-
-    __slots__ = (
-        "_global",
-        "_last_chain_der",
-        "active",
-        "context",
-        "last_error",
-        "last_ok",
-        "last_peer",
-        "name",
-        "protocol_metrics",
-        "servers",
-        "settings",
-        "stats",
-        "timeouts",
-    )
-
-    def __init__(
-        self,
-        settings: RouteSettings,
-        context: ssl.SSLContext,
-        parent: Settings,
-        limiter: ConnectionLimiter,
-        stats: RouteStats,
-    ) -> None:
-        self.name = settings.name
-        self.settings = settings
-        self.context = context
-        self.timeouts = parent.timeouts
-        self.protocol_metrics = parent.admin.protocol_metrics
-        self.servers: list[asyncio.Server] = []
-        self.active = 0
-        self._global = limiter
-        self.stats = stats
-        self.last_ok: float | None = None  # monotonic time of the last verified handshake
-        self.last_error: str | None = None
-        self.last_peer: tls.PeerInfo | None = None
-        self._last_chain_der: tuple[bytes, ...] = ()
-        stats.ca_certificates = _configured_roots(settings)
-
-    async def connect(self) -> UpstreamConnection:
-        """Open a verified upstream connection, recording timings, TLS facts and failures."""
-        try:
-            conn = await connect_upstream(self.settings.upstream, self.context, self.timeouts)
-        except UpstreamError as exc:
-            self.stats.upstream_errors[exc.reason] += 1
-            self.last_error = str(exc)
-            raise
-        stats = self.stats
-        stats.connect_seconds.observe(conn.connect_seconds)
-        stats.tls_handshake_seconds.observe(conn.handshake_seconds)
-        peer = conn.peer
-        stats.tls = (peer.version, peer.cipher)
-        if peer.chain_der != self._last_chain_der:  # parse only when the server's chain changes
-            self._last_chain_der = peer.chain_der
-            stats.upstream_chain = tuple(x509.load_der_x509_certificate(d) for d in peer.chain_der)
-        self.last_ok = stats.last_handshake_at = time.monotonic()
-        self.last_error = None
-        self.last_peer = peer
-        return conn
-
-    def acquire_slot(self) -> Callable[[], None] | None:
-        """Take one connection slot, or return ``None`` when a limit is reached."""
-        cap = self.settings.max_connections
-        if self._global.active >= self._global.limit or (cap is not None and self.active >= cap):
-            return None
-        self._global.active += 1
-        self.active += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._global.active -= 1
-                self.active -= 1
-
-        return release
-
-    def at_limit(self) -> bool:
-        cap = self.settings.max_connections
-        return cap is not None and self.active >= cap
-
-    def limit_description(self) -> str:
-        cap = self.settings.max_connections
-        if cap is not None and self.active >= cap:
-            return f"route {self.name!r} allows max_connections={cap}"
-        return f"the sidecar allows max_connections={self._global.limit}"
-
-
-def _configured_roots(settings: RouteSettings) -> tuple[x509.Certificate, ...]:
-    path = settings.upstream.sslrootcert
-    if path is None or path == "system":
-        return ()
-    return tuple(tls.load_certificates(path))
 
 
 class Sidecar:
     """Programmatic entry point; the CLI, the demo and the tests all drive this class."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, reloader: Callable[[], Settings] | None = None
+    ) -> None:
         self.settings = settings
         self.limiter = ConnectionLimiter(settings.limits.max_connections)
         self.routes: list[RouteRuntime] = []
@@ -169,10 +54,17 @@ class Sidecar:
         self.started_at = time.time()
         self.metrics = Metrics(__version__, [r.name for r in settings.routes])
         self.admin: AdminServer | None = None
+        self._reloader = reloader
+        self._reload_lock = asyncio.Lock()
+        self._by_name: dict[str, RouteRuntime] = {}
+        self._slots: dict[str, ConnectionLimiter] = {}
+        self._listeners: dict[tuple[str, Listen], asyncio.Server] = {}
+        self._unix_inodes: dict[str, int] = {}
         self._stopped: asyncio.Future[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
         self._probes: list[asyncio.Task[None]] = []
-        self._unix_paths: list[tuple[str, int]] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- start --------------------------------------------------------------------------------
 
@@ -180,30 +72,56 @@ class Sidecar:
         """Build every TLS context, then bind every listener; on any failure nothing serves."""
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        self.routes = [
-            RouteRuntime(
-                r,
-                tls.build_client_context(r.upstream),
-                self.settings,
-                self.limiter,
-                self.metrics.route(r.name),
-            )
-            for r in self.settings.routes
-        ]
+        routes = self._build_routes(self.settings)
+        bound: dict[tuple[str, Listen], asyncio.Server] = {}
         try:
-            for route in self.routes:
+            for route in routes:
                 for listen in route.settings.listen:
-                    route.servers.append(await self._bind(route, listen))
+                    bound[(route.name, listen)] = await self._bind(route.name, listen)
             if self.settings.admin.listen is not None:
                 self.admin = AdminServer(self, self.settings.admin.listen)
                 await self.admin.start()
         except BaseException:
-            self._close_servers()
+            self._close_listeners(bound)
             self._close_admin()
             raise
-        for route in self.routes:
-            for server in route.servers:
-                await server.start_serving()
+        await self._commit_routes(routes, bound)
+        self.started = True
+        if self.admin is not None:
+            host, port = self.admin.address
+            log_event(log, logging.INFO, "admin_ready", "admin endpoint", listen=f"{host}:{port}")
+        if self.settings.reload.watch_files:
+            # The baseline is taken now, so a change right after start() is never missed.
+            self._watcher = loop.create_task(self._watch_files(self.watched_files()))
+
+    def _build_routes(self, settings: Settings) -> list[RouteRuntime]:
+        """Everything that can fail on bad TLS material, done before anything changes."""
+        return [
+            RouteRuntime(
+                r,
+                tls.build_client_context(r.upstream),
+                settings,
+                self.limiter,
+                self._slots.setdefault(r.name, ConnectionLimiter(r.max_connections)),
+                self.metrics.routes.get(r.name) or RouteStats(),
+            )
+            for r in settings.routes
+        ]
+
+    async def _commit_routes(
+        self, routes: list[RouteRuntime], bound: dict[tuple[str, Listen], asyncio.Server]
+    ) -> None:
+        """Make ``routes`` the ones new clients get, serve the new listeners, restart probes."""
+        loop = asyncio.get_running_loop()
+        self.routes = routes
+        self._by_name = {r.name: r for r in routes}
+        self._listeners.update(bound)
+        for server in bound.values():
+            await server.start_serving()
+        for probe in self._probes:
+            probe.cancel()
+        self._probes = []
+        for route in routes:
             up = route.settings.upstream
             log_event(
                 log,
@@ -211,7 +129,7 @@ class Sidecar:
                 "route_ready",
                 "listening",
                 route=route.name,
-                listen=", ".join(_describe(a) for a in self._route_addresses(route)),
+                listen=", ".join(_describe(a) for a in self._route_addresses(route.name)),
                 upstream=up.describe(),
                 sslmode=up.sslmode,
                 sslrootcert=up.sslrootcert or ("system" if up.sslmode != "require" else None),
@@ -226,10 +144,117 @@ class Sidecar:
                     "sslrootcert and sslmode=verify-full.",
                     route.name,
                 )
-        self.started = True
-        if self.admin is not None:
-            host, port = self.admin.address
-            log_event(log, logging.INFO, "admin_ready", "admin endpoint", listen=f"{host}:{port}")
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the configuration: all of it applies to new sessions, or none of it does.
+
+        Open sessions keep the route objects they started with (TLS context, timeouts), so
+        they continue untouched. Listeners that a route no longer has are closed (their open
+        sessions go on); new ones are bound first, and a bind failure rejects the reload.
+        """
+        async with self._reload_lock:
+            if self.draining:
+                return False, "not reloading: the sidecar is shutting down"
+            if self._reloader is None:
+                return False, "not reloading: no configuration source to re-read"
+            try:
+                new = self._reloader()
+                routes = self._build_routes(new)
+            except ConfigError as exc:
+                return self._reload_failed(str(exc))
+            wanted = {(r.name, listen) for r in new.routes for listen in r.listen}
+            added = [key for key in wanted if key not in self._listeners]
+            removed = [key for key in self._listeners if key not in wanted]
+            bound: dict[tuple[str, Listen], asyncio.Server] = {}
+            new_admin: AdminServer | None = None
+            try:
+                # A moved Unix socket path is rebound in place: free it first.
+                for key in removed:
+                    if isinstance(key[1], UnixListen) and any(
+                        isinstance(a[1], UnixListen) and a[1].path == key[1].path for a in added
+                    ):
+                        self._close_listeners({key: self._listeners.pop(key)})
+                for key in added:
+                    bound[key] = await self._bind(*key)
+                if new.admin.listen != self.settings.admin.listen and new.admin.listen:
+                    new_admin = AdminServer(self, new.admin.listen)
+                    await new_admin.start()
+            except ListenError as exc:
+                self._close_listeners(bound)
+                return self._reload_failed(str(exc))
+            # Nothing below can fail on the user's input: switch over.
+            old = self.settings
+            self.settings = new
+            self.limiter.limit = new.limits.max_connections
+            self.metrics.install({r.name: r.stats for r in routes})
+            if new.admin.listen != old.admin.listen:
+                self._close_admin()
+                self.admin = new_admin
+            self._close_listeners(
+                {k: self._listeners.pop(k) for k in removed if k in self._listeners}
+            )
+            await self._commit_routes(routes, bound)
+            if new.logging != old.logging:
+                configure_logging(new.logging.format, new.logging.level)
+            self.metrics.config_reloads["success"] += 1
+            summary = (
+                f"configuration reloaded: {len(routes)} route(s), "
+                f"{len(added)} listener(s) added, {len(removed)} removed; "
+                "open sessions continue with the previous settings"
+            )
+            log.info("%s", summary)
+            return True, summary
+
+    def _reload_failed(self, why: str) -> tuple[bool, str]:
+        self.metrics.config_reloads["failure"] += 1
+        log.error(
+            "configuration reload rejected; the previous configuration stays in force: %s", why
+        )
+        return False, f"configuration reload rejected; the previous configuration stays: {why}"
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background (the outcome is logged and counted)."""
+        task = asyncio.get_running_loop().create_task(self._reload_quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_quietly(self) -> None:
+        await self.reload()
+
+    def watched_files(self) -> dict[str, tuple[int, int, int] | None]:
+        """Every file the configuration names, with (inode, mtime_ns, size) or None if absent."""
+        paths: list[str] = []
+        if self.settings.source:
+            paths.append(self.settings.source)
+        for route in self.settings.routes:
+            up = route.upstream
+            for path in (up.sslrootcert, up.sslcrl, up.sslcrldir, up.sslcert, up.sslkey):
+                if path and path != "system":
+                    paths.append(path)
+        out: dict[str, tuple[int, int, int] | None] = {}
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                out[path] = None
+            else:
+                out[path] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return out
+
+    async def _watch_files(self, seen: dict[str, tuple[int, int, int] | None]) -> None:
+        """Poll the named files; a change (ConfigMap symlink swaps included) means reload."""
+        while True:
+            await asyncio.sleep(self.settings.reload.interval)
+            now = self.watched_files()
+            if now != seen:
+                changed = sorted(p for p in set(now) | set(seen) if now.get(p) != seen.get(p))
+                log.info("configuration files changed (%s): reloading", ", ".join(changed))
+                await self.reload()
+                seen = self.watched_files()
+                if not self.settings.reload.watch_files:
+                    return
 
     async def _probe_upstream(self, route: RouteRuntime) -> None:
         """Keep readiness honest while idle: a verified handshake at least every interval/2.
@@ -262,7 +287,7 @@ class Sidecar:
             reasons.append("starting: listeners are not bound yet")
         if self.draining:
             reasons.append("draining: shutting down, not accepting new connections")
-        if self.limiter.active >= self.limiter.limit:
+        if self.limiter.full():
             reasons.append(
                 f"at max_connections: {self.limiter.active} of {self.limiter.limit} in use"
             )
@@ -319,7 +344,7 @@ class Sidecar:
             routes.append(
                 RouteStatus(
                     name=route.name,
-                    listeners=[_describe(a) for a in self._route_addresses(route)],
+                    listeners=[_describe(a) for a in self._route_addresses(route.name)],
                     upstream=up.describe(),
                     server_name=up.verify_name,
                     sslmode=up.sslmode,
@@ -346,16 +371,16 @@ class Sidecar:
             ready=health.ready,
             reasons=list(health.reasons),
             active_connections=self.limiter.active,
-            max_connections=self.limiter.limit,
+            max_connections=self.settings.limits.max_connections,
             routes=routes,
         )
 
-    async def _bind(self, route: RouteRuntime, listen: TcpListen | UnixListen) -> asyncio.Server:
+    async def _bind(self, name: str, listen: Listen) -> asyncio.Server:
         loop = asyncio.get_running_loop()
 
         def factory() -> Endpoint:
             endpoint = Endpoint("client")
-            endpoint.on_connected = lambda ep: self._accept(route, ep)
+            endpoint.on_connected = lambda ep: self._accept(name, ep)
             return endpoint
 
         try:
@@ -366,7 +391,7 @@ class Sidecar:
             _remove_stale_socket(listen.path)
             server = await loop.create_unix_server(factory, listen.path, start_serving=False)
             os.chmod(listen.path, listen.mode)
-            self._unix_paths.append((listen.path, os.stat(listen.path).st_ino))
+            self._unix_inodes[listen.path] = os.stat(listen.path).st_ino
             return server
         except OSError as exc:
             why = exc.strerror or str(exc)
@@ -376,31 +401,30 @@ class Sidecar:
             elif exc.errno in (errno.EACCES, errno.EPERM):
                 fix = "; ports below 1024 need privileges, and the directory must be writable"
             raise ListenError(
-                f"route {route.name!r}: could not listen on {listen.describe()}: {why}{fix}"
+                f"route {name!r}: could not listen on {listen.describe()}: {why}{fix}"
             ) from None
 
     def addresses(self, route: str | None = None) -> list[tuple[str, int] | str]:
         """Bound addresses (TCP as ``(host, port)`` with port 0 resolved, Unix as paths)."""
-        out: list[tuple[str, int] | str] = []
-        for rt in self.routes:
-            if route is None or rt.name == route:
-                out.extend(self._route_addresses(rt))
-        return out
+        names = [r.name for r in self.routes] if route is None else [route]
+        return [a for name in names for a in self._route_addresses(name)]
 
-    @staticmethod
-    def _route_addresses(route: RouteRuntime) -> list[tuple[str, int] | str]:
+    def _route_addresses(self, name: str) -> list[tuple[str, int] | str]:
         out: list[tuple[str, int] | str] = []
-        for server in route.servers:
+        for (route, _listen), server in self._listeners.items():
+            if route != name:
+                continue
             for sock in server.sockets:
-                name = sock.getsockname()
-                out.append(name if isinstance(name, str) else (name[0], name[1]))
+                addr = sock.getsockname()
+                out.append(addr if isinstance(addr, str) else (addr[0], addr[1]))
         return out
 
     # -- sessions -----------------------------------------------------------------------------
 
-    def _accept(self, route: RouteRuntime, client: Endpoint) -> None:
+    def _accept(self, name: str, client: Endpoint) -> None:
         assert client.transport is not None
-        if self.draining:
+        route = self._by_name.get(name)
+        if self.draining or route is None:  # shutting down, or the route was just removed
             client.abort()
             return
         peer = client.transport.get_extra_info("peername")
@@ -417,7 +441,9 @@ class Sidecar:
         if self.draining:
             return
         self.draining = True
-        self._close_servers()
+        self._close_listeners(self._listeners)
+        if self._watcher is not None:
+            self._watcher.cancel()
         deadline = self.settings.timeouts.drain if drain is None else drain
         log.info(
             "shutting down: no longer accepting; %d open session(s) have up to %gs to finish",
@@ -469,16 +495,16 @@ class Sidecar:
         if self.admin is not None:
             self.admin.close()
 
-    def _close_servers(self) -> None:
-        for route in self.routes:
-            for server in route.servers:
-                server.close()
-        for path, inode in self._unix_paths:
-            # Remove our socket file, but not one another process created since.
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-        self._unix_paths.clear()
+    def _close_listeners(self, listeners: dict[tuple[str, Listen], asyncio.Server]) -> None:
+        for (_name, listen), server in list(listeners.items()):
+            server.close()
+            if isinstance(listen, UnixListen):
+                inode = self._unix_inodes.pop(listen.path, None)
+                # Remove our socket file, but not one another process created since.
+                with contextlib.suppress(FileNotFoundError):
+                    if inode is not None and os.stat(listen.path).st_ino == inode:
+                        os.unlink(listen.path)
+        listeners.clear()
 
 
 def _remove_stale_socket(path: str) -> None:

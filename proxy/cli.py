@@ -5,6 +5,8 @@ Exit codes (documented in the README):
   1  could not start: a listener could not be bound, or an unexpected failure
   2  usage or configuration error (nothing was started)
   3  stopped at once by a second SIGTERM/SIGINT during the drain
+
+SIGHUP re-reads the configuration (see ``Sidecar.reload``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.errors import ConfigError, ListenError
@@ -24,6 +27,9 @@ EXIT_OK = 0
 EXIT_START_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 3
+
+if TYPE_CHECKING:
+    from proxy.settings import Settings
 
 log = logging.getLogger("proxy.cli")
 
@@ -167,8 +173,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # Log in the requested format from the first line: the loader itself warns (ignored options).
     configure_logging(args.log_format or "text", args.log_level or "info")
-    try:
-        settings = load_settings(
+
+    def load() -> Settings:
+        return load_settings(
             config_path=args.config,
             listen=args.listen,
             unix_sockets=args.unix_socket,
@@ -179,19 +186,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             environ=os.environ,
         )
+
+    try:
+        settings = load()
     except ConfigError as exc:
         print(f"pg-tls-sidecar: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(settings.logging.format, settings.logging.level)
-    return asyncio.run(_serve(settings))
+    # SIGHUP, POST /reload and file changes re-run the same load with the same flags.
+    return asyncio.run(_serve(settings, load))
 
 
-async def _serve(settings: object) -> int:
+async def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
     from proxy.app import Sidecar
-    from proxy.settings import Settings
 
-    assert isinstance(settings, Settings)
-    sidecar = Sidecar(settings)
+    sidecar = Sidecar(settings, reloader=load)
+    forced = False
+    stop_requested = False
+
+    def on_signal(name: str) -> None:
+        nonlocal forced, stop_requested
+        if not sidecar.started:
+            # Still binding: stop as soon as start() returns.
+            stop_requested = True
+        elif sidecar.draining:
+            forced = True
+            log.warning("received %s again: closing every session now", name)
+            sidecar.force_stop()
+        else:
+            log.info("received %s: draining (send it again to stop at once)", name)
+            sidecar.request_shutdown()
+
+    def on_hangup() -> None:
+        if sidecar.started:
+            log.info("received SIGHUP: reloading the configuration")
+            sidecar.request_reload()
+        else:
+            log.warning("received SIGHUP while starting: ignored")
+
+    # Handlers first: a signal that arrives while starting must not kill the process.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await sidecar.start()
     except ConfigError as exc:
@@ -200,21 +237,7 @@ async def _serve(settings: object) -> int:
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_START_FAILED
-
-    forced = False
-
-    def on_signal(name: str) -> None:
-        nonlocal forced
-        if sidecar.draining:
-            forced = True
-            log.warning("received %s again: closing every session now", name)
-            sidecar.force_stop()
-        else:
-            log.info("received %s: draining (send it again to stop at once)", name)
-            sidecar.request_shutdown()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+    if stop_requested:
+        sidecar.request_shutdown()
     await sidecar.wait_stopped()
     return EXIT_FORCED if forced else EXIT_OK

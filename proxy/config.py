@@ -41,6 +41,7 @@ from proxy.settings import (
     Listen,
     LogFormat,
     LogSettings,
+    ReloadSettings,
     RouteSettings,
     Settings,
     SslMode,
@@ -144,7 +145,7 @@ _KEEPALIVE_LIMITS: Final = {
 _ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 
-_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "routes")
+_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "reload", "routes")
 _ADMIN_KEYS: Final = ("listen", "readiness", "protocol_metrics")
 _READINESS_KEYS: Final = ("upstream_check", "interval")
 _ROUTE_KEYS: Final = ("name", "listen", "unix_socket", "max_connections", "upstream")
@@ -745,6 +746,23 @@ def _logging(value: object) -> LogSettings:
     )
 
 
+def _reload(value: object) -> ReloadSettings:
+    fields = _mapping(value, "reload", ("watch_files", "interval"))
+    defaults = ReloadSettings()
+    return ReloadSettings(
+        watch_files=(
+            _boolean(fields["watch_files"], "reload.watch_files")
+            if "watch_files" in fields
+            else defaults.watch_files
+        ),
+        interval=(
+            _seconds(fields["interval"], "reload.interval")
+            if "interval" in fields
+            else defaults.interval
+        ),
+    )
+
+
 # --- admin endpoint
 
 
@@ -944,7 +962,7 @@ def load_settings(
     ``--admin-listen``: ``HOST:PORT`` or ``off``) and the process environment, passed in so
     tests never touch ``os.environ``.
     """
-    timeouts, limits, log_settings = Timeouts(), Limits(), LogSettings()
+    timeouts, limits, log_settings, reload = Timeouts(), Limits(), LogSettings(), ReloadSettings()
     admin, admin_key, admin_source = AdminSettings(), "admin.listen", config_path
     routes: list[_Route] = []
     if config_path is not None:
@@ -959,6 +977,8 @@ def load_settings(
                 log_settings = _logging(document["logging"])
             if "admin" in document:
                 admin = _admin(document["admin"])
+            if "reload" in document:
+                reload = _reload(document["reload"])
             if "routes" in document:
                 routes = _file_routes(document["routes"], base_dir, config_path)
 
@@ -1012,6 +1032,7 @@ def load_settings(
         limits=limits,
         logging=log_settings,
         admin=admin,
+        reload=reload,
         source=config_path,
     )
 

@@ -15,7 +15,7 @@ process has its own.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, cast
 
 from cryptography import x509
@@ -199,6 +199,10 @@ class Metrics:
         if len(set(names)) != len(names):
             raise ValueError(f"route names must be unique, got {list(names)!r}")
         self._routes = {name: self._routes.get(name) or RouteStats() for name in names}
+
+    def install(self, routes: Mapping[str, RouteStats]) -> None:
+        """Export exactly these route statistics (a reload built them, reusing kept routes')."""
+        self._routes = dict(routes)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format every Prometheus version reads, with its Content-Type."""

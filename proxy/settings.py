@@ -145,10 +145,24 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadSettings:
+    """When the configuration is re-read besides SIGHUP and ``POST /reload``.
+
+    With ``watch_files`` every file the configuration names (the YAML file itself, CA bundles,
+    CRLs, client certificates and keys) is checked every ``interval`` seconds; a change — also
+    a Kubernetes ConfigMap/Secret update, which swaps a symlink — triggers a reload.
+    """
+
+    watch_files: bool = True
+    interval: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     routes: tuple[RouteSettings, ...]
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     logging: LogSettings = LogSettings()
     admin: AdminSettings = AdminSettings()
+    reload: ReloadSettings = ReloadSettings()
     source: str | None = None  # the config file this came from, for messages

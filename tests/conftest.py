@@ -165,8 +165,9 @@ class RunningSidecar:
     loop raises is re-raised by ``stop()``.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reloader: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        self.reloader = reloader
         self.sidecar: Sidecar | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: concurrent.futures.Future[list[tuple[str, int] | str]] = (
@@ -204,7 +205,7 @@ class RunningSidecar:
         from proxy.app import Sidecar
 
         self._loop = asyncio.get_running_loop()
-        self.sidecar = Sidecar(self.settings)
+        self.sidecar = Sidecar(self.settings, reloader=self.reloader)
         await self.sidecar.start()
         self._started.set_result(self.sidecar.addresses())
         await self.sidecar.wait_stopped()
@@ -246,6 +247,17 @@ class RunningSidecar:
 
         async def call() -> Any:
             return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
+
+    def run_coroutine(
+        self, factory: Callable[[], Any], timeout: float = SIDECAR_STOP_TIMEOUT
+    ) -> Any:
+        """Run ``await factory()`` on the sidecar's loop and return its result."""
+        assert self._loop is not None
+
+        async def call() -> Any:
+            return await factory()
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout)
 
@@ -312,7 +324,8 @@ def start_sidecar() -> Iterator[StartSidecar]:
         kwargs.setdefault("environ", {})
         kwargs.setdefault("config_path", None)
         settings = load_settings(upstream=upstream, **kwargs)
-        running = RunningSidecar(settings)
+        # A reload re-reads the same sources, as the CLI's SIGHUP does.
+        running = RunningSidecar(settings, lambda: load_settings(upstream=upstream, **kwargs))
         started.append(running)
         return running.start()
 

@@ -44,6 +44,8 @@ class Source:
     current: Health = field(default_factory=lambda: Health(True, True, True, ()))
     doc: StatusDoc | None = None
     shutdowns: int = 0
+    reloads: int = 0
+    reload_result: tuple[bool, str] = (True, "configuration reloaded")
     status_error: Exception | None = None
 
     def health(self) -> Health:
@@ -57,6 +59,10 @@ class Source:
 
     def request_shutdown(self) -> None:
         self.shutdowns += 1
+
+    async def reload(self) -> tuple[bool, str]:
+        self.reloads += 1
+        return self.reload_result
 
 
 class LoopThread:
@@ -498,6 +504,26 @@ def test_shutdown_refuses_web_pages(admin: Running) -> None:
     assert response.status == 403
     assert b"Origin" in body
     assert admin.source.shutdowns == 0
+
+
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [((True, "configuration reloaded"), 200), ((False, "routes[0].upstream: bad"), 409)],
+)
+def test_reload_reports_whether_it_applied(
+    admin: Running, result: tuple[bool, str], status: int
+) -> None:
+    admin.source.reload_result = result
+    response, body = admin.request("POST", "/reload")
+    assert response.status == status
+    assert body == result[1].encode() + b"\n"
+    assert admin.source.reloads == 1
+
+
+def test_reload_refuses_web_pages(admin: Running) -> None:
+    response, _ = admin.request("POST", "/reload", headers={"Origin": "http://evil.test"})
+    assert response.status == 403
+    assert admin.source.reloads == 0
 
 
 def _non_loopback_address() -> str | None:

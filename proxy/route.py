@@ -1,0 +1,140 @@
+"""A route at run time: its settings plus what is built from them once.
+
+Sessions keep the ``RouteRuntime`` they started with, so a configuration reload (which builds
+new ones) never changes an open session's TLS context or timeouts. Connection slots are kept
+in a ``ConnectionLimiter`` per route *name* that outlives reloads, so limits stay exact while old
+and new sessions overlap.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+
+from cryptography import x509
+
+from proxy import tls
+from proxy.errors import UpstreamError
+from proxy.metrics import RouteStats
+from proxy.settings import RouteSettings, Settings
+from proxy.upstream import UpstreamConnection, connect_upstream
+
+
+class ConnectionLimiter:
+    """Counts sessions against a ``max_connections`` (``None``: no cap of its own)."""
+
+    __slots__ = ("active", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def full(self) -> bool:
+        return self.limit is not None and self.active >= self.limit
+
+
+class RouteRuntime:
+    """A route's settings plus what is built from them once: the TLS context, the counters.
+
+    It also remembers how the upstream last answered — readiness and the status page use it —
+    which is why every upstream connection (sessions, cancels, probes) goes through
+    ``connect()``.
+    """
+
+    __slots__ = (
+        "_global",
+        "_last_chain_der",
+        "context",
+        "last_error",
+        "last_ok",
+        "last_peer",
+        "name",
+        "protocol_metrics",
+        "settings",
+        "slots",
+        "stats",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        settings: RouteSettings,
+        context: ssl.SSLContext,
+        parent: Settings,
+        limiter: ConnectionLimiter,
+        slots: ConnectionLimiter,
+        stats: RouteStats,
+    ) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self.context = context
+        self.timeouts = parent.timeouts
+        self.protocol_metrics = parent.admin.protocol_metrics
+        self._global = limiter
+        self.slots = slots
+        slots.limit = settings.max_connections
+        self.stats = stats
+        self.last_ok: float | None = None  # monotonic time of the last verified handshake
+        self.last_error: str | None = None
+        self.last_peer: tls.PeerInfo | None = None
+        self._last_chain_der: tuple[bytes, ...] = ()
+        stats.ca_certificates = _configured_roots(settings)
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a verified upstream connection, recording timings, TLS facts and failures."""
+        try:
+            conn = await connect_upstream(self.settings.upstream, self.context, self.timeouts)
+        except UpstreamError as exc:
+            self.stats.upstream_errors[exc.reason] += 1
+            self.last_error = str(exc)
+            raise
+        stats = self.stats
+        stats.connect_seconds.observe(conn.connect_seconds)
+        stats.tls_handshake_seconds.observe(conn.handshake_seconds)
+        peer = conn.peer
+        stats.tls = (peer.version, peer.cipher)
+        if peer.chain_der != self._last_chain_der:  # parse only when the server's chain changes
+            self._last_chain_der = peer.chain_der
+            stats.upstream_chain = tuple(x509.load_der_x509_certificate(d) for d in peer.chain_der)
+        self.last_ok = stats.last_handshake_at = time.monotonic()
+        self.last_error = None
+        self.last_peer = peer
+        return conn
+
+    def acquire_slot(self) -> Callable[[], None] | None:
+        """Take one connection slot, or return ``None`` when a limit is reached."""
+        if self._global.full() or self.slots.full():
+            return None
+        glob, mine = self._global, self.slots
+        glob.active += 1
+        mine.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                glob.active -= 1
+                mine.active -= 1
+
+        return release
+
+    @property
+    def active(self) -> int:
+        return self.slots.active
+
+    def at_limit(self) -> bool:
+        return self.slots.full()
+
+    def limit_description(self) -> str:
+        if self.slots.full():
+            return f"route {self.name!r} allows max_connections={self.slots.limit}"
+        return f"the sidecar allows max_connections={self._global.limit}"
+
+
+def _configured_roots(settings: RouteSettings) -> tuple[x509.Certificate, ...]:
+    path = settings.upstream.sslrootcert
+    if path is None or path == "system":
+        return ()
+    return tuple(tls.load_certificates(path))
