@@ -46,7 +46,7 @@ from proxy.wire.startup import (
 )
 
 if TYPE_CHECKING:
-    from proxy.app import RouteRuntime
+    from proxy.route import RouteRuntime
 
 log = logging.getLogger("proxy.session")
 
