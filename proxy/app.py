@@ -53,6 +53,7 @@ class Sidecar:
         self.started = False
         self.started_at = time.time()
         self.metrics = Metrics(__version__, [r.name for r in settings.routes])
+        self.metrics.state = lambda: (self.health().ready, self.settings.limits.max_connections)
         self.admin: AdminServer | None = None
         self._reloader = reloader
         self._reload_lock = asyncio.Lock()

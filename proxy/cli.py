@@ -28,6 +28,9 @@ EXIT_START_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_FORCED = 3
 
+# One variable moves the admin endpoint for both `run` and `wait` (and so the HEALTHCHECK).
+ADMIN_ENV = "PG_TLS_SIDECAR_ADMIN_LISTEN"
+
 if TYPE_CHECKING:
     from proxy.settings import Settings
 
@@ -91,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
+        default=os.environ.get(ADMIN_ENV) or None,
         help="address of the /metrics, /readyz, /status endpoint (default 127.0.0.1:9432; "
-        "'off' disables it)",
+        f"'off' disables it; environment: {ADMIN_ENV})",
     )
     run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     run.add_argument(
@@ -117,8 +121,9 @@ exit codes: 0 ready (or live), 1 not ready before the timeout, 2 usage error""",
     wait.add_argument(
         "--admin",
         metavar="HOST:PORT",
-        default="127.0.0.1:9432",
-        help="the sidecar's admin address (default 127.0.0.1:9432)",
+        default=os.environ.get(ADMIN_ENV) or "127.0.0.1:9432",
+        help=f"the sidecar's admin address (default ${ADMIN_ENV}, else 127.0.0.1:9432; "
+        "a wildcard address is asked on loopback)",
     )
     wait.add_argument(
         "--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds"
@@ -164,7 +169,8 @@ def _cmd_wait(args: argparse.Namespace) -> int:
         print(f"pg-tls-sidecar wait: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     path = {"ready": "/readyz", "live": "/livez", "startup": "/startup"}[args.probe]
-    return wait_ready(admin.host, admin.port, timeout=args.timeout, path=path)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin.host, admin.host)  # noqa: S104
+    return wait_ready(host, admin.port, timeout=args.timeout, path=path)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -181,6 +181,8 @@ class Metrics:
         self._routes: dict[str, RouteStats] = {}
         self.set_routes(routes)
         self.config_reloads = _zeros(CONFIG_RELOAD_RESULTS)
+        # Set by the application: () -> (ready, max_connections), read at scrape time.
+        self.state: Callable[[], tuple[bool, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -420,3 +422,17 @@ class _Collector(Collector):
         )
         build.add_metric([self._metrics.version], 1)
         yield from (reloads, build)
+        state = self._metrics.state
+        if state is not None:
+            ready, limit = state()
+            yield GaugeMetricFamily(
+                f"{PREFIX}ready",
+                "1 when /readyz answers 200 (listeners bound, not draining, below "
+                "max_connections, upstream handshake recent). Alert when 0 for minutes.",
+                value=1 if ready else 0,
+            )
+            yield GaugeMetricFamily(
+                f"{PREFIX}max_connections",
+                "The configured limits.max_connections; compare client_connections_active.",
+                value=limit,
+            )

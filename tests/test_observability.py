@@ -97,6 +97,7 @@ def test_metrics_after_commit_rollback_and_error(observed) -> None:
         if name == PREFIX + "upstream_tls_info" and v == 1
     ]
     assert versions and versions[0] in ("TLSv1.2", "TLSv1.3")
+    assert samples[(PREFIX + "max_connections", ())] == 200
     leaf_expiry = _value(
         samples, "upstream_certificate_expiry_timestamp_seconds", listener=route, position="leaf"
     )
@@ -160,11 +161,15 @@ def test_readiness_flips_at_max_connections_and_while_draining(start_sidecar, pg
     sc.wait_idle()
     status, body = _get(admin, "/readyz")
     assert status == 200, body  # the session's own handshake proved the upstream
+    samples = _samples(admin)
+    assert samples[(PREFIX + "ready", ())] == 1
+    assert samples[(PREFIX + "max_connections", ())] == 1
 
     with psycopg.connect(_conninfo(sc)) as conn:
         assert _get(admin, "/shutdown", method="POST")[0] == 202
         status, body = _get(admin, "/readyz")
         assert status == 503 and "draining" in body
+        assert _samples(admin)[(PREFIX + "ready", ())] == 0
         assert conn.execute("select 2").fetchone() == (2,)  # open sessions keep working
 
 
