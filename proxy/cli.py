@@ -135,6 +135,10 @@ exit codes: 0 ready (or live), 1 not ready before the timeout, 2 usage error""",
         help="which probe to wait for (default ready)",
     )
 
+    from proxy.commands import add_subcommands
+
+    add_subcommands(sub)
+
     demo = sub.add_parser(
         "demo",
         help="start a local TLS-only PostgreSQL, the sidecar, and a plaintext client through it",
@@ -149,6 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return _cmd_run(args)
+    if args.command in ("check", "ca", "config"):
+        from proxy.commands import dispatch
+        from proxy.logs import configure_logging
+
+        # The loader's warnings (ignored conninfo options...) as readable lines on stderr.
+        configure_logging("text", "warning")
+        code = dispatch(args)
+        if code is not None:
+            return code
     if args.command == "wait":
         return _cmd_wait(args)
     if args.command == "demo":
