@@ -385,12 +385,22 @@ class Sidecar:
             return endpoint
 
         try:
+            # Like PostgreSQL: room for a connection storm of twice max_connections (the
+            # kernel caps it at net.core.somaxconn); asyncio's default of 100 drops SYNs.
+            backlog = max(128, 2 * self.settings.limits.max_connections)
             if isinstance(listen, TcpListen):
                 return await loop.create_server(
-                    factory, listen.host, listen.port, reuse_address=True, start_serving=False
+                    factory,
+                    listen.host,
+                    listen.port,
+                    reuse_address=True,
+                    backlog=backlog,
+                    start_serving=False,
                 )
             _remove_stale_socket(listen.path)
-            server = await loop.create_unix_server(factory, listen.path, start_serving=False)
+            server = await loop.create_unix_server(
+                factory, listen.path, backlog=backlog, start_serving=False
+            )
             os.chmod(listen.path, listen.mode)
             self._unix_inodes[listen.path] = os.stat(listen.path).st_ino
             return server

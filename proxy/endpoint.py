@@ -121,10 +121,12 @@ class Endpoint(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             sink.close()
-        source = self.source
-        if source is not None:
-            # Nobody left to deliver to: stop reading and let the session end.
-            source.close()
+            source = self.source
+            if source is not None:
+                # Nobody left to deliver to: stop reading and let the session end.
+                source.close()
+        # Not relaying yet (authentication): the session coroutine sees the loss through
+        # read() and sends the client an error of its own before closing it.
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -213,12 +213,11 @@ class Session:
             data = await upstream.read()
             if not data:
                 self.info.outcome = "upstream_closed_during_startup"
-                client.write(
-                    error_response(
-                        SQLSTATE_CONNECTION_FAILURE,
-                        "the upstream server closed the connection during authentication",
-                    )
-                )
+                why = upstream.closed_exc
+                detail = f": {why}" if why is not None else ""
+                message = f"the upstream server closed the connection during authentication{detail}"
+                self.info.error = message
+                client.write(error_response(SQLSTATE_CONNECTION_FAILURE, message))
                 return False
             out = filt.feed(data)
             if out:

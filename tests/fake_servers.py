@@ -7,14 +7,18 @@ can assert that nothing of the client's session left the sidecar in plaintext.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 
@@ -210,3 +214,154 @@ def serve_one_query_session(tls_sock: ssl.SSLSocket, conn: Conn, *, value: str) 
                 + msg(b"C", b"SELECT 1\0")
                 + READY_IDLE
             )
+
+
+# -- helpers for the reliability suites (hostile clients and servers, leak checks) ----------------
+
+GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
+
+
+def startup_packet(protocol: int = 196608, **params: str) -> bytes:
+    """A StartupMessage; ``protocol`` is the version word (``major << 16 | minor``)."""
+    body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params.items()) + b"\0"
+    return struct.pack("!II", 8 + len(body), protocol) + body
+
+
+def tls_client_hello(server_name: str | None = "localhost") -> bytes:
+    """A real TLS ClientHello as OpenSSL writes it (from a ``MemoryBIO``), never sent anywhere."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["postgresql"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def tls_alert_record(description: int, *, version: bytes = b"\x03\x03") -> bytes:
+    """A plaintext fatal TLS alert record, as a server sends it to abort a handshake."""
+    return b"\x15" + version + b"\x00\x02" + bytes([2, description])
+
+
+def split_messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Backend messages (type, body) in ``data``; raises ValueError on a torn or bad frame."""
+    out: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < 5:
+            raise ValueError(f"torn message header at offset {pos}: {data[pos:]!r}")
+        (length,) = struct.unpack_from("!I", data, pos + 1)
+        if length < 4 or pos + 1 + length > len(data):
+            raise ValueError(f"bad message length {length} at offset {pos}")
+        out.append((data[pos : pos + 1], data[pos + 5 : pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+def error_fields(body: bytes) -> dict[str, str]:
+    """The fields of an ErrorResponse body by their one-letter code (``C``, ``M``, ...)."""
+    if not body.endswith(b"\0"):
+        raise ValueError(f"ErrorResponse body not NUL-terminated: {body!r}")
+    return {f[:1].decode(): f[1:].decode() for f in body[:-1].split(b"\0") if f}
+
+
+def open_fds() -> int:
+    """File descriptors open in this process (the sidecar under test runs in it, in a thread)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def sidecar_resources(sidecar: Any) -> tuple[int, int]:
+    """(open fds in this process, tasks on the sidecar's loop) once its sessions have ended.
+
+    ``sidecar`` is a ``tests.conftest.RunningSidecar``. The task count is read on the sidecar's
+    own loop (so it includes the one task doing the reading, every time).
+    """
+    sidecar.wait_idle()
+    tasks = sidecar.run_in_loop(lambda: len(asyncio.all_tasks()))
+    return open_fds(), int(tasks)
+
+
+def assert_back_to_baseline(
+    sidecar: Any, baseline: tuple[int, int], timeout: float = 10.0
+) -> tuple[int, int]:
+    """Assert fds and tasks return to ``baseline``; returns what was seen last.
+
+    Closing a TLS transport finishes asynchronously (close_notify, then the socket), after the
+    session's task is done, so the condition is polled up to ``timeout``: the assertion is on
+    the state reached, the poll only bounds how long we are willing to wait for it.
+    """
+    deadline = time.monotonic() + timeout
+    seen = sidecar_resources(sidecar)
+    while (seen[0] > baseline[0] or seen[1] > baseline[1]) and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+        seen = sidecar_resources(sidecar)
+    assert seen[0] <= baseline[0], f"fds leaked: {baseline[0]} before, {seen[0]} after"
+    assert seen[1] <= baseline[1], f"tasks leaked: {baseline[1]} before, {seen[1]} after"
+    return seen
+
+
+# -- the sidecar as a separate process (for RSS and fd measurements) ---------------------------
+
+
+class SidecarProcess:
+    """``python -m proxy run`` in a child process, for numbers only a process has (VmRSS).
+
+    The listening port is read from the ``route_ready`` JSON log line, so no port is guessed.
+    Its log goes to a file (a pipe nobody drains could fill and stall the sidecar).
+    """
+
+    def __init__(self, upstream: str, log_path: Path, *extra_args: str) -> None:
+        import json
+        import os
+        import subprocess
+        import sys
+        import time
+
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        argv = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0"]
+        argv += ["--upstream", upstream, "--admin-listen", "off", "--log-format", "json"]
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*argv, *extra_args], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            for line in log_path.read_text().splitlines():
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+                    if record.get("event") == "route_ready":
+                        host, port = record["listen"].rsplit(":", 1)
+                        self.host, self.port = host, int(port)
+                        return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"sidecar process did not start:\n{log_path.read_text()}")
+            time.sleep(0.02)  # polling the log file for the readiness line, bounded above
+
+    def status(self, field_name: str) -> int:
+        """A ``kB`` field of ``/proc/PID/status`` (VmRSS, VmHWM), in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError(f"{field_name} not in /proc/{self.proc.pid}/status")
+
+    def open_fds(self) -> int:
+        import os
+
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def stop(self) -> int:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
