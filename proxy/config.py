@@ -33,6 +33,7 @@ import yaml
 
 from proxy.conninfo import ENVIRONMENT_VARIABLES, params_from_environ, parse_conninfo
 from proxy.errors import ConfigError
+from proxy.hostname import inet_aton
 from proxy.settings import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_PORT,
@@ -564,6 +565,8 @@ def _is_host_name_or_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
+        if inet_aton(text) is not None:
+            return True  # libpq's (and the resolver's) IPv4 forms: 192.000.002.001, 0x7f.1
         if re.fullmatch(r"[0-9.]+", text):
             return False  # looks like IPv4 but is not one, e.g. 10.0.0.256
         return len(text) <= 253 and _HOSTNAME.fullmatch(text) is not None
