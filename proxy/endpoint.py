@@ -40,7 +40,6 @@ class Endpoint(asyncio.Protocol):
         "name",
         "observe",
         "on_connected",
-        "on_peer_eof",
         "sink",
         "source",
         "stats",
@@ -60,8 +59,6 @@ class Endpoint(asyncio.Protocol):
         self.stats: RouteStats | None = None
         self.counts_upstream_bytes = name == "upstream"
         self.observe: Callable[[bytes, float], None] | None = None
-        # What to do when our source half-closes and we cannot (TLS): default close at once.
-        self.on_peer_eof: Callable[[], None] | None = None
         self.sink: Endpoint | None = None  # where data read here goes, once relaying
         self.source: Endpoint | None = None  # who writes into this endpoint while relaying
         self.bytes_in = 0
@@ -191,8 +188,6 @@ class Endpoint(asyncio.Protocol):
             return
         if transport.can_write_eof():
             transport.write_eof()
-        elif self.on_peer_eof is not None:
-            self.on_peer_eof()
         else:
             transport.close()
 

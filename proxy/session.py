@@ -77,13 +77,12 @@ class SessionInfo:
 class Session:
     """Drives one accepted client connection; ``run()`` never raises except on cancellation."""
 
-    __slots__ = ("_release", "_scanner", "client", "info", "route", "upstream")
+    __slots__ = ("_release", "client", "info", "route", "upstream")
 
     def __init__(self, route: RouteRuntime, client: Endpoint, peername: str) -> None:
         self.route = route
         self.client = client
         self.upstream: Endpoint | None = None
-        self._scanner: SessionScanner | None = None
         self.info = SessionInfo(id=next(_ids), route=route.name, client=peername)
         self._release: Callable[[], None] | None = None
 
@@ -145,8 +144,6 @@ class Session:
         upstream = conn.endpoint
         upstream.stats = self.route.stats
         scanner = SessionScanner(self.route.stats) if self.route.protocol_metrics else None
-        self._scanner = scanner
-        upstream.on_peer_eof = self._client_half_closed
         rest = parser.take_remaining()
         upstream.write(event.raw + rest)
         if scanner is not None:
@@ -237,25 +234,6 @@ class Session:
             self.info.error = f"SQLSTATE {filt.server_error_sqlstate}"
         upstream.relay_to(client)
         return filt.server_error_sqlstate is None
-
-    def _client_half_closed(self) -> None:
-        """The client shut its write side but still reads.
-
-        PostgreSQL answers what was sent before an EOF, but our TLS leg cannot half-close: so
-        close it once the server has answered every request seen (the protocol scanner knows),
-        and never later than the drain timeout. Without protocol metrics there is no such
-        knowledge and the leg is closed at once.
-        """
-        upstream = self.upstream
-        if upstream is None:
-            return
-        scanner = self._scanner
-        if scanner is not None and scanner.awaiting_answers:
-            scanner.on_answered = upstream.close
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.route.timeouts.drain, upstream.close)
-        else:
-            upstream.close()
 
     # -- bookkeeping --------------------------------------------------------------------------
 

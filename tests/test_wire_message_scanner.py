@@ -617,19 +617,3 @@ def test_any_bytes_in_any_chunking_give_the_same_stats(
         assert sqlstate_class.upper() == sqlstate_class
     assert all(value == 2.0 for value in stats.query_seconds.values)
 
-
-def test_on_answered_fires_once_when_every_request_has_its_ready_for_query() -> None:
-    """The session's half-close handling waits on this: it must not fire early or twice."""
-    calls: list[int] = []
-    scanner = SessionScanner(Stats())
-    scanner.feed_frontend(b"Q" + (4 + 9).to_bytes(4, "big") + b"select 1\0", 1.0)
-    scanner.feed_frontend(b"Q" + (4 + 9).to_bytes(4, "big") + b"select 2\0", 1.5)
-    assert scanner.awaiting_answers
-    scanner.on_answered = lambda: calls.append(1)
-    ready = b"Z" + (5).to_bytes(4, "big") + b"I"
-    scanner.feed_backend(ready, 2.0)
-    assert calls == [] and scanner.awaiting_answers
-    scanner.feed_backend(ready, 2.5)
-    assert calls == [1] and not scanner.awaiting_answers
-    scanner.feed_backend(ready, 3.0)
-    assert calls == [1]

@@ -164,15 +164,7 @@ class SessionScanner:
     ``memoryview`` of unsigned bytes; no reference to a chunk is kept after the call.
     """
 
-    __slots__ = (
-        "_backend",
-        "_frontend",
-        "_last_tag",
-        "_pending",
-        "_stats",
-        "_status",
-        "on_answered",
-    )
+    __slots__ = ("_backend", "_frontend", "_last_tag", "_pending", "_stats", "_status")
 
     def __init__(self, stats: ProtocolStats) -> None:
         self._stats = stats
@@ -181,14 +173,6 @@ class SessionScanner:
         self._pending: deque[_Run] = deque()
         self._status = _IDLE
         self._last_tag = b""
-        # Called once when every request seen so far has had its ReadyForQuery (the session
-        # uses it to end a half-closed client's session only after the server has answered).
-        self.on_answered: Callable[[], None] | None = None
-
-    @property
-    def awaiting_answers(self) -> bool:
-        """Requests (Query, Sync, FunctionCall) sent whose ReadyForQuery has not come yet."""
-        return bool(self._pending)
 
     @property
     def frontend_broken(self) -> bool:
@@ -349,9 +333,7 @@ class SessionScanner:
                 pending.popleft()
             if run.start is not None:
                 self._stats.query_seconds.observe(now - run.start)
-            if not pending and self.on_answered is not None:
-                callback, self.on_answered = self.on_answered, None
-                callback()
+
         if prefix:
             status = prefix[0]
             previous = self._status
