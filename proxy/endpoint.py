@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 if TYPE_CHECKING:
     from proxy.metrics import RouteStats
@@ -74,9 +74,9 @@ class Endpoint(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.tls = transport.get_extra_info("ssl_object") is not None
+        # uvloop's transports implement the interface without subclassing asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
+        self.tls = self.transport.get_extra_info("ssl_object") is not None
         if self.on_connected is not None:
             self.on_connected(self)
 
