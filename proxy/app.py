@@ -25,6 +25,7 @@ from proxy.endpoint import Endpoint
 from proxy.errors import ConfigError, ListenError, UpstreamError
 from proxy.logs import configure_logging, log_event
 from proxy.metrics import Metrics, RouteStats
+from proxy.pool import close_pools
 from proxy.route import ConnectionLimiter, RouteRuntime
 from proxy.session import Session
 from proxy.settings import Listen, Settings, TcpListen, UnixListen
@@ -112,8 +113,16 @@ class Sidecar:
     async def _commit_routes(
         self, routes: list[RouteRuntime], bound: dict[tuple[str, Listen], asyncio.Server]
     ) -> None:
-        """Make ``routes`` the ones new clients get, serve the new listeners, restart probes."""
+        """Make ``routes`` the ones new clients get, serve the new listeners, restart probes.
+
+        The replaced routes' warm pools are closed before the new ones fill: a reload may have
+        changed the CA or the server, and open sessions never use a pool again.
+        """
         loop = asyncio.get_running_loop()
+        self._close_pools(self.routes)
+        for route in routes:
+            if route.pool is not None:
+                route.pool.start()
         self.routes = routes
         self._by_name = {r.name: r for r in routes}
         self._listeners.update(bound)
@@ -269,7 +278,7 @@ class Sidecar:
             last = route.last_ok
             if last is None or time.monotonic() - last > interval / 2:
                 try:
-                    conn = await route.connect()
+                    conn = await route.dial()  # never a pooled one: that would waste it
                 except UpstreamError as exc:
                     if healthy is not False:
                         log.warning("route %r: upstream check failed: %s", route.name, exc)
@@ -461,6 +470,7 @@ class Sidecar:
             len(self.sessions),
             deadline,
         )
+        self._close_pools(self.routes)
         self._drain_task = asyncio.get_running_loop().create_task(self._drain(deadline))
 
     def force_stop(self) -> None:
@@ -488,6 +498,8 @@ class Sidecar:
             probe.cancel()
         if self._probes:
             await asyncio.wait(self._probes)
+        if self._tasks:  # pools still closing, a reload in flight
+            await asyncio.wait(self._tasks, timeout=5)
         self._close_admin()
         log.info("stopped after %.1fs", time.monotonic() - started)
         assert self._stopped is not None
@@ -501,6 +513,17 @@ class Sidecar:
     async def shutdown(self, drain: float | None = None) -> None:
         self.request_shutdown(drain)
         await self.wait_stopped()
+
+    def _close_pools(self, routes: list[RouteRuntime]) -> None:
+        """Close the routes' warm pools now; their TLS goodbyes finish in a tracked task."""
+        pools = [r.pool for r in routes if r.pool is not None]
+        if not pools:
+            return
+        for pool in pools:
+            pool.close()
+        task = asyncio.get_running_loop().create_task(close_pools(pools))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _close_admin(self) -> None:
         if self.admin is not None:

@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="address of the /metrics, /readyz, /status endpoint (default 127.0.0.1:9432; "
         f"'off' disables it; environment: {ADMIN_ENV})",
     )
+    run.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        type=str.lower,
+        help="auto (default): uvloop when installed (pip install 'pg-tls-sidecar[uvloop]'), "
+        "else the stdlib loop; environment: PG_TLS_SIDECAR_EVENT_LOOP",
+    )
     run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     run.add_argument(
         "--log-level",
@@ -188,13 +195,16 @@ def _cmd_wait(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.config import load_settings
+    from proxy.eventloop import choose_loop
     from proxy.logs import configure_logging
 
     # Log in the requested format from the first line: the loader itself warns (ignored options).
     configure_logging(args.log_format or "text", args.log_level or "info")
 
+    in_use: list[Settings] = []
+
     def load() -> Settings:
-        return load_settings(
+        new = load_settings(
             config_path=args.config,
             listen=args.listen,
             unix_sockets=args.unix_socket,
@@ -203,21 +213,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
             admin_listen=args.admin_listen,
             log_format=args.log_format,
             log_level=args.log_level,
+            event_loop=args.event_loop,
             environ=os.environ,
         )
+        if in_use and new.event_loop != in_use[0].event_loop:
+            log.warning(
+                "event_loop changed from %s to %s: a running loop cannot be swapped, "
+                "the change takes effect at the next start",
+                in_use[0].event_loop,
+                new.event_loop,
+            )
+        return new
 
     try:
         settings = load()
+        loop_name, loop_factory = choose_loop(settings.event_loop)
     except ConfigError as exc:
         print(f"pg-tls-sidecar: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    in_use.append(settings)
     configure_logging(settings.logging.format, settings.logging.level)
     # SIGHUP, POST /reload and file changes re-run the same load with the same flags.
-    return asyncio.run(_serve(settings, load))
+    # asyncio.Runner rather than asyncio.run: only it takes a loop factory on Python 3.11.
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_serve(settings, load, loop_name))
 
 
-async def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
+async def _serve(settings: Settings, load: Callable[[], Settings], loop_name: str) -> int:
     from proxy.app import Sidecar
+    from proxy.logs import log_event
 
     sidecar = Sidecar(settings, reloader=load)
     forced = False
@@ -243,8 +267,18 @@ async def _serve(settings: Settings, load: Callable[[], Settings]) -> int:
         else:
             log.warning("received SIGHUP while starting: ignored")
 
-    # Handlers first: a signal that arrives while starting must not kill the process.
     loop = asyncio.get_running_loop()
+    loop_class = type(loop)
+    log_event(
+        log,
+        logging.INFO,
+        "event_loop",
+        f"event loop: {loop_name} (event_loop {settings.event_loop})",
+        loop=loop_name,
+        setting=settings.event_loop,
+        loop_class=f"{loop_class.__module__}.{loop_class.__qualname__}",
+    )
+    # Handlers first: a signal that arrives while starting must not kill the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)

@@ -33,15 +33,19 @@ import yaml
 
 from proxy.conninfo import ENVIRONMENT_VARIABLES, params_from_environ, parse_conninfo
 from proxy.errors import ConfigError
+from proxy.eventloop import EVENT_LOOP_ENV, EVENT_LOOP_SETTINGS, choose_loop
 from proxy.hostname import inet_aton
 from proxy.settings import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_PORT,
+    SERVER_AUTHENTICATION_TIMEOUT,
     AdminSettings,
+    EventLoopSetting,
     Limits,
     Listen,
     LogFormat,
     LogSettings,
+    PoolSettings,
     ReloadSettings,
     RouteSettings,
     Settings,
@@ -146,10 +150,12 @@ _KEEPALIVE_LIMITS: Final = {
 _ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 
-_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "reload", "routes")
+_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "reload", "event_loop", "routes")
 _ADMIN_KEYS: Final = ("listen", "readiness", "protocol_metrics")
 _READINESS_KEYS: Final = ("upstream_check", "interval")
-_ROUTE_KEYS: Final = ("name", "listen", "unix_socket", "max_connections", "upstream")
+_ROUTE_KEYS: Final = ("name", "listen", "unix_socket", "max_connections", "pool", "upstream")
+_POOL_KEYS: Final = ("size", "max_age")
+MAX_POOL_SIZE: Final = 64
 _UNIX_KEYS: Final = ("directory", "mode")
 _DEFAULT_UNIX_MODE: Final = 0o777
 _WILDCARDS: Final = frozenset({"0.0.0.0", "::"})  # noqa: S104 - compared, never bound
@@ -766,6 +772,20 @@ def _reload(value: object) -> ReloadSettings:
     )
 
 
+def _event_loop(value: object, key: str) -> tuple[EventLoopSetting, str]:
+    """The choice and the key it came from, so a missing uvloop is blamed on the right source."""
+    text = _text(value, key).strip().lower()
+    for choice in EVENT_LOOP_SETTINGS:
+        if text == choice:
+            return choice, key
+    _fail(
+        key,
+        "is not an event loop choice",
+        value=value,
+        fix="use auto (uvloop when installed, else the stdlib loop), asyncio or uvloop",
+    )
+
+
 # --- admin endpoint
 
 
@@ -858,6 +878,7 @@ class _Route:
     base_dir: str | None = None
     source: str | None = None
     max_connections: int | None = None
+    pool: PoolSettings = dataclasses.field(default_factory=PoolSettings)
 
 
 @contextmanager
@@ -907,6 +928,8 @@ def _file_route(value: object, key: str, base_dir: str, source: str) -> _Route:
         route.max_connections = _integer(
             fields["max_connections"], f"{key}.max_connections", low=1, high=1_000_000
         )
+    if "pool" in fields:
+        route.pool = _pool(fields["pool"], f"{key}.pool")
     if "upstream" in fields:
         route.upstream_key = f"{key}.upstream"
         route.upstream_raw = fields["upstream"]
@@ -917,6 +940,30 @@ def _file_route(value: object, key: str, base_dir: str, source: str) -> _Route:
                 fix='e.g. upstream: "host=srv.postgres.database.azure.com sslmode=verify-full"',
             )
     return route
+
+
+def _pool(value: object, key: str) -> PoolSettings:
+    """``pool: {size, max_age}``; the bounds protect the server, which pays for every slot."""
+    fields = _mapping(value, key, _POOL_KEYS)
+    defaults = PoolSettings()
+    size = defaults.size
+    if "size" in fields:
+        size = _integer(fields["size"], f"{key}.size", low=0, high=MAX_POOL_SIZE)
+    max_age = defaults.max_age
+    if "max_age" in fields:
+        max_age = _seconds(fields["max_age"], f"{key}.max_age")
+        if max_age >= SERVER_AUTHENTICATION_TIMEOUT:
+            _fail(
+                f"{key}.max_age",
+                f"must be below {SERVER_AUTHENTICATION_TIMEOUT:g} s, PostgreSQL's default "
+                "authentication_timeout: a pooled connection has not sent its StartupMessage "
+                "yet, and the server drops it once that timeout has passed since it was "
+                "accepted",
+                value=fields["max_age"],
+                fix="use e.g. 30; if the server's authentication_timeout was lowered, stay "
+                "well below it",
+            )
+    return PoolSettings(size=size, max_age=max_age)
 
 
 def _unix_socket(value: object, key: str, base_dir: str | None) -> tuple[str, int]:
@@ -956,18 +1003,24 @@ def load_settings(
     log_format: str | None = None,
     log_level: str | None = None,
     admin_listen: str | None = None,
+    event_loop: str | None = None,
     environ: Mapping[str, str],
 ) -> Settings:
     """Build the whole configuration, or raise ``ConfigError`` before anything is started.
 
     The arguments are the CLI's flags (``--config``, ``--listen``, ``--unix-socket``,
     ``--unix-socket-mode``, ``--upstream``, ``--log-format``, ``--log-level``,
-    ``--admin-listen``: ``HOST:PORT`` or ``off``) and the process environment, passed in so
-    tests never touch ``os.environ``.
+    ``--admin-listen``: ``HOST:PORT`` or ``off``, ``--event-loop``) and the process
+    environment, passed in so tests never touch ``os.environ``.
     """
     timeouts, limits, log_settings, reload = Timeouts(), Limits(), LogSettings(), ReloadSettings()
     admin, admin_key, admin_source = AdminSettings(), "admin.listen", config_path
     routes: list[_Route] = []
+    # Flag, then file, then environment, like everything else; "auto" when none says.
+    loop_choice: tuple[EventLoopSetting, str] = ("auto", "event_loop")
+    loop_source: str | None = None
+    if EVENT_LOOP_ENV in environ:
+        loop_choice = _event_loop(environ[EVENT_LOOP_ENV], EVENT_LOOP_ENV)
     if config_path is not None:
         document = _read_yaml(config_path)
         with _source(config_path):
@@ -982,6 +1035,9 @@ def load_settings(
                 admin = _admin(document["admin"])
             if "reload" in document:
                 reload = _reload(document["reload"])
+            if document.get("event_loop") is not None:
+                loop_choice = _event_loop(document["event_loop"], "event_loop")
+                loop_source = config_path
             if "routes" in document:
                 routes = _file_routes(document["routes"], base_dir, config_path)
 
@@ -1022,6 +1078,12 @@ def load_settings(
     if log_level is not None:
         log_settings = LogSettings(log_settings.format, _log_level(log_level, "--log-level"))
 
+    if event_loop is not None:
+        loop_choice, loop_source = _event_loop(event_loop, "--event-loop"), None
+    # Here and not only at start: `config validate` and `check` then report a missing uvloop.
+    with _source(loop_source):
+        choose_loop(loop_choice[0], key=loop_choice[1])
+
     if admin_listen is not None:
         admin = dataclasses.replace(admin, listen=_admin_listen(admin_listen, "--admin-listen"))
         admin_key, admin_source = "--admin-listen", None
@@ -1037,6 +1099,7 @@ def load_settings(
         admin=admin,
         reload=reload,
         source=config_path,
+        event_loop=loop_choice[0],
     )
 
 
@@ -1155,6 +1218,7 @@ def _finish_routes(routes: list[_Route]) -> list[RouteSettings]:
                 listen=tuple(listeners),
                 upstream=route.upstream,
                 max_connections=route.max_connections,
+                pool=route.pool,
             )
         )
     for index, settings in enumerate(finished):

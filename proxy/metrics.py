@@ -45,6 +45,7 @@ REJECT_REASONS: Final = ("limit", "protocol_error", "startup_timeout")
 UPSTREAM_ERRORS: Final = tuple(sorted(UPSTREAM_ERROR_REASONS))
 TRANSACTION_OUTCOMES: Final = ("commit", "rollback")
 CONFIG_RELOAD_RESULTS: Final = ("success", "failure")
+POOL_RESULTS: Final = ("hit", "miss")  # a warm pooled connection was handed out, or not
 
 # ErrorResponse severities (the non-localised ``V`` field), pre-initialised; any other value
 # (a localised ``S`` from a pre-9.6 server, garbage) is exported as OTHER, as the message
@@ -125,6 +126,8 @@ class RouteStats:
         "connections",
         "last_handshake_at",
         "notices",
+        "pool_connections",
+        "pool_idle",
         "queries",
         "query_seconds",
         "rejected",
@@ -158,6 +161,8 @@ class RouteStats:
         self.last_handshake_at: float | None = None  # time.monotonic() of the latest handshake
         self.upstream_chain: tuple[x509.Certificate, ...] = ()  # latest server chain, leaf first
         self.ca_certificates: tuple[x509.Certificate, ...] = ()  # configured roots
+        self.pool_connections = _zeros(POOL_RESULTS)  # only counted when the pool is on
+        self.pool_idle = 0
 
     def server_error(self, severity: str, sqlstate: str) -> None:
         """Count an ErrorResponse by its ``V`` severity and SQLSTATE."""
@@ -286,7 +291,24 @@ class _Collector(Collector):
             "the others.",
             labels=["listener", "reason"],
         )
+        pool = CounterMetricFamily(
+            f"{PREFIX}pool_connections",
+            "Upstream connections asked of the warm TLS pool (pool.size > 0), by result: hit "
+            "(a warm connection was used) or miss (the client waited for its own handshake). "
+            "A rising miss share means pool.size is too small for the connection rate.",
+            labels=["listener", "result"],
+        )
+        idle = GaugeMetricFamily(
+            f"{PREFIX}pool_idle_connections",
+            "Warm upstream connections ready now (through the TLS handshake, no "
+            "StartupMessage). Alert when 0 for minutes with pool.size > 0: the upstream "
+            "cannot be reached.",
+            labels=["listener"],
+        )
         for name, stats in routes.items():
+            for result, value in stats.pool_connections.items():
+                pool.add_metric([name, result], value)
+            idle.add_metric([name], stats.pool_idle)
             connect.add_metric(
                 [name], stats.connect_seconds.cumulative(), stats.connect_seconds.sum
             )
@@ -295,7 +317,7 @@ class _Collector(Collector):
             )
             for reason, value in stats.upstream_errors.items():
                 errors.add_metric([name, reason], value)
-        yield from (connect, handshake, errors)
+        yield from (connect, handshake, errors, pool, idle)
 
     @staticmethod
     def _traffic(routes: dict[str, RouteStats]) -> Iterator[Metric]:

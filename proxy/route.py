@@ -3,7 +3,9 @@
 Sessions keep the ``RouteRuntime`` they started with, so a configuration reload (which builds
 new ones) never changes an open session's TLS context or timeouts. Connection slots are kept
 in a ``ConnectionLimiter`` per route *name* that outlives reloads, so limits stay exact while old
-and new sessions overlap.
+and new sessions overlap. A route with ``pool.size > 0`` owns a ``WarmPool``; it lives and dies
+with this object (the application starts it when the route goes live and closes it when a
+reload replaces the route), so a reload never hands out a connection made with an old CA.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from cryptography import x509
 from proxy import tls
 from proxy.errors import UpstreamError
 from proxy.metrics import RouteStats
+from proxy.pool import WarmPool
 from proxy.settings import RouteSettings, Settings
 from proxy.upstream import UpstreamConnection, connect_upstream
 
@@ -50,6 +53,7 @@ class RouteRuntime:
         "last_ok",
         "last_peer",
         "name",
+        "pool",
         "protocol_metrics",
         "settings",
         "slots",
@@ -80,9 +84,28 @@ class RouteRuntime:
         self.last_peer: tls.PeerInfo | None = None
         self._last_chain_der: tuple[bytes, ...] = ()
         stats.ca_certificates = _configured_roots(settings)
+        self.pool: WarmPool | None = None
+        if settings.pool.enabled:
+            self.pool = WarmPool(self.name, settings.pool, self.dial, stats)
 
     async def connect(self) -> UpstreamConnection:
-        """Open a verified upstream connection, recording timings, TLS facts and failures."""
+        """A verified upstream connection: a warm one from the pool if there is one, else new.
+
+        Sessions and cancel requests both come through here; the pooled connection has sent
+        nothing yet, so the caller's StartupMessage or CancelRequest is its first message.
+        """
+        pool = self.pool
+        if pool is not None:
+            conn = pool.take()
+            if conn is not None:
+                return conn
+        return await self.dial()
+
+    async def dial(self) -> UpstreamConnection:
+        """Open a new verified upstream connection, recording timings, TLS facts and failures.
+
+        The pool's connections are dialled here too, so their handshakes count for readiness.
+        """
         try:
             conn = await connect_upstream(self.settings.upstream, self.context, self.timeouts)
         except UpstreamError as exc:

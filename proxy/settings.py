@@ -15,6 +15,7 @@ SslMode = Literal["require", "verify-ca", "verify-full"]
 SslNegotiation = Literal["postgres", "direct"]
 TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
 LogFormat = Literal["text", "json"]
+EventLoopSetting = Literal["auto", "asyncio", "uvloop"]  # auto: uvloop when installed
 
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 5432
@@ -93,6 +94,29 @@ class UnixListen:
 
 Listen = TcpListen | UnixListen
 
+# PostgreSQL's authentication_timeout default (also Azure's): a connection must deliver its
+# StartupMessage within this many seconds of being accepted, or the server drops it.
+SERVER_AUTHENTICATION_TIMEOUT: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """The opt-in warm TLS pool: upstream connections kept ready up to the TLS handshake.
+
+    A new client then skips the TCP, SSLRequest and TLS round trips. A pooled connection has
+    sent no StartupMessage, so the server's ``authentication_timeout`` clock is running on it:
+    one older than ``max_age`` seconds is closed and replaced, and ``max_age`` must stay below
+    that timeout (60 s by default) or a client could be handed a connection the server is
+    about to drop.
+    """
+
+    size: int = 0  # 0: no pool
+    max_age: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 0
+
 
 @dataclass(frozen=True, slots=True)
 class RouteSettings:
@@ -102,6 +126,7 @@ class RouteSettings:
     listen: tuple[Listen, ...]
     upstream: UpstreamSettings
     max_connections: int | None = None  # None: only the global limit applies
+    pool: PoolSettings = PoolSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,3 +191,5 @@ class Settings:
     admin: AdminSettings = AdminSettings()
     reload: ReloadSettings = ReloadSettings()
     source: str | None = None  # the config file this came from, for messages
+    # Read once at start (a reload cannot swap the running loop); see proxy.eventloop.
+    event_loop: EventLoopSetting = "auto"

@@ -4,6 +4,9 @@ Everything is real: the cluster is a real PostgreSQL configured like Azure (TLS 
 TCP or nothing), the sidecar is the real ``Sidecar`` on its own event loop, and clients are
 real drivers and the real ``psql``. The expensive pieces (CA, cluster) are session-scoped; each
 test that needs a sidecar starts its own so that its settings and shutdown are its own.
+
+``pytest --event-loop uvloop`` runs every sidecar under test on uvloop instead of the stdlib
+loop, so the same tests cover both loops the sidecar can run on.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from proxy.demo.cluster import TlsOnlyCluster, find_bindir
 from proxy.demo.pki import CertificateAuthority, Issued
 from proxy.errors import ConfigError
+from proxy.eventloop import choose_loop
 
 if TYPE_CHECKING:
     from proxy.app import Sidecar
@@ -36,6 +40,28 @@ if TYPE_CHECKING:
 SIDECAR_START_TIMEOUT = 30.0
 SIDECAR_STOP_TIMEOUT = 60.0  # the drain deadline plus slack
 PSQL_TIMEOUT = 60.0
+
+
+# -- the event loop the sidecars under test run on -------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="event loop for every sidecar under test (default asyncio, the stdlib loop)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # An explicit choice, never "auto": a run that asked for uvloop must not quietly use asyncio.
+    RunningSidecar.event_loop = config.getoption("--event-loop")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    name, _ = choose_loop(RunningSidecar.event_loop)
+    return f"sidecar event loop: {name}"
 
 
 # -- the certificate authority and the server --------------------------------------------------
@@ -162,12 +188,16 @@ class RunningSidecar:
 
     Synchronous clients (psycopg, pg8000, a psql subprocess) can then be used straight from the
     test. Start-up is awaited through a Future, never by sleeping; any exception the sidecar's
-    loop raises is re-raised by ``stop()``.
+    loop raises is re-raised by ``stop()``. The loop is the one ``--event-loop`` names (set on
+    the class by ``pytest_configure``), whatever ``settings.event_loop`` says.
     """
+
+    event_loop = "asyncio"
 
     def __init__(self, settings: Settings, reloader: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
         self.reloader = reloader
+        self.loop_name, self._loop_factory = choose_loop(self.event_loop)
         self.sidecar: Sidecar | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started: concurrent.futures.Future[list[tuple[str, int] | str]] = (
@@ -195,7 +225,8 @@ class RunningSidecar:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+                runner.run(self._main())
         except BaseException as exc:  # handed to the test thread by stop()
             self._error = exc
             if not self._started.done():

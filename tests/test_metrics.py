@@ -341,7 +341,7 @@ def test_exposition_is_the_classic_text_format() -> None:
 def test_every_metric_has_help_that_says_what_to_watch() -> None:
     metrics = Metrics("1.2.3", ["main"])
     families = list(metrics.registry.collect())
-    assert len(families) == 18
+    assert len(families) == 20  # ready and max_connections need an application state source
     for family in families:
         assert family.name.startswith(PREFIX)
         assert len(family.documentation) > 30, family.name

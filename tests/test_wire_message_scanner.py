@@ -616,4 +616,3 @@ def test_any_bytes_in_any_chunking_give_the_same_stats(
         assert sqlstate_class.isalnum()
         assert sqlstate_class.upper() == sqlstate_class
     assert all(value == 2.0 for value in stats.query_seconds.values)
-
