@@ -150,6 +150,11 @@ exit codes: 0 ready (or live), 1 not ready before the timeout, 2 usage error""",
         "demo",
         help="start a local TLS-only PostgreSQL, the sidecar, and a plaintext client through it",
         description="A self-contained demonstration; needs the PostgreSQL server binaries.",
+        epilog="""\
+examples:
+  pg-tls-sidecar demo          # keeps running; prints a psql command to try, Ctrl-C to stop
+  pg-tls-sidecar demo --once   # for scripts: exit 0 once the plaintext client got through""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--once", action="store_true", help="exit after the client has connected")
     return parser

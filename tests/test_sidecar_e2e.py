@@ -328,3 +328,25 @@ def test_client_killed_mid_query_leaves_no_backend(sidecar, pg) -> None:
     conn.pgconn.finish()
     sidecar.wait_idle()
     assert _backend_gone(pg, pid)
+
+
+def test_stale_unix_socket_is_replaced_and_a_live_one_refused(
+    start_sidecar, pg, tmp_path: Path
+) -> None:
+    from proxy.errors import ListenError
+
+    sock_dir = tmp_path / "run"
+    sock_dir.mkdir()
+    stale = sock_dir / ".s.PGSQL.5432"
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(str(stale))  # a socket file nobody listens on: what a crash leaves behind
+    leftover.close()
+    upstream = f"host=localhost port={pg.port} sslrootcert={pg.ca_der_path}"
+    sc = start_sidecar(upstream, listen=[], unix_sockets=[str(sock_dir)])
+    assert sc.run_in_loop(sc.sidecar.addresses) == [str(stale)]
+    assert oct(os.stat(stale).st_mode & 0o777) == "0o777"
+    # A second sidecar on the same directory must not steal the live socket.
+    with pytest.raises(ListenError, match="another server is accepting connections there"):
+        start_sidecar(upstream, listen=[], unix_sockets=[str(sock_dir)])
+    sc.stop()
+    assert not stale.exists()  # removed on shutdown
