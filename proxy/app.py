@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 
 from proxy import __version__, tls
 from proxy.admin import AdminServer, Health
-from proxy.endpoint import Endpoint
+from proxy.endpoint import Endpoint, close_endpoints
 from proxy.errors import ConfigError, ListenError, UpstreamError
 from proxy.logs import configure_logging, log_event
 from proxy.metrics import Metrics, RouteStats
@@ -284,7 +284,7 @@ class Sidecar:
                         log.warning("route %r: upstream check failed: %s", route.name, exc)
                     healthy = False
                 else:
-                    conn.endpoint.close()
+                    await close_endpoints(conn.endpoint)
                     if healthy is False:
                         log.info("route %r: upstream check succeeded again", route.name)
                     healthy = True

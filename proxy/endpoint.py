@@ -232,3 +232,26 @@ class Endpoint(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+CLOSE_TIMEOUT: Final = 3.0  # above upstream.TLS_SHUTDOWN_TIMEOUT: a TLS close gets its chance
+
+
+async def close_endpoints(*endpoints: Endpoint | None) -> None:
+    """Close (flushing) and wait until the transports are gone; abort what lingers.
+
+    A client that never reads would keep a flushing close open forever, and a TLS close waits
+    for the peer's close_notify: both are bounded here.
+    """
+    live = [ep for ep in endpoints if ep is not None and ep.transport is not None]
+    for ep in live:
+        ep.close()
+    waiting = [ep.closed for ep in live if not ep.closed.done()]
+    if not waiting:
+        return
+    _done, pending = await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT)
+    if pending:
+        for ep in live:
+            if not ep.closed.done():
+                ep.abort()
+        await asyncio.wait(pending, timeout=CLOSE_TIMEOUT)

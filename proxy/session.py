@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.endpoint import Endpoint
+from proxy.endpoint import Endpoint, close_endpoints
 from proxy.errors import (
     SQLSTATE_CONNECTION_FAILURE,
     SQLSTATE_TOO_MANY_CONNECTIONS,
@@ -116,6 +116,9 @@ class Session:
                 self.upstream.close()
             self._record_outcome()
             self._log_closed()
+            # The session ends when its sockets are really closed (a TLS close waits for the
+            # server's close_notify), so a drain never stops the loop under a closing transport.
+            await close_endpoints(self.client, self.upstream)
 
     def abort(self) -> None:
         """Cut the session now (drain deadline passed, or a forced exit)."""

@@ -281,11 +281,14 @@ def login_error(target: Target, ca_pem: Path) -> str | None:
     return " ".join(out.stderr.split()) or f"psql exited with {out.returncode}"
 
 
-def start_sidecar(work: Path, cluster: TlsOnlyCluster, *, metrics: bool) -> Service:
+def start_sidecar(
+    work: Path, cluster: TlsOnlyCluster, *, metrics: bool, event_loop: str = "asyncio"
+) -> Service:
     """``python -m proxy run`` from this checkout; the listening port is read from its log."""
     name = "sidecar" if metrics else "sidecar-nometrics"
     log = work / f"{name}.log"
     argv = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0"]
+    argv += ["--event-loop", event_loop]
     argv += [
         "--upstream",
         f"host=localhost hostaddr=127.0.0.1 port={cluster.port} "
@@ -601,10 +604,16 @@ def start_targets(
     for name in ("sidecar", "sidecar-nometrics"):
         if name not in wanted:
             continue
-        service = start_sidecar(work, cluster, metrics=name == "sidecar")
+        service = start_sidecar(
+            work, cluster, metrics=name == "sidecar", event_loop=opts.event_loop
+        )
         services.append(service)
         port = sidecar_port(service)
-        description = "pg-tls-sidecar, protocol metrics " + ("on" if name == "sidecar" else "off")
+        description = (
+            "pg-tls-sidecar, protocol metrics "
+            + ("on" if name == "sidecar" else "off")
+            + f", {opts.event_loop} event loop"
+        )
         targets[name] = Target(name, description, port, "disable", service=service)
     peers = [p for p in ("stunnel", "pgbouncer") if p in wanted]
     if peers:
@@ -819,6 +828,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}"
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the sidecar's event loop (default asyncio, the stdlib loop)",
     )
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s, 8 MiB, scale 1")
     parser.add_argument("--json", type=Path, help="write the raw figures here")

@@ -49,4 +49,4 @@ def test_quick_benchmark_reports_a_ratio_for_every_workload(tmp_path: Path) -> N
         assert sidecar["ratio"] is not None and sidecar["ratio"] > 0, (workload, sidecar)
         assert sidecar["proxy_cpu_per_unit"] is not None, workload
     # The Markdown table is printed with the sidecar's row and ratios.
-    assert "| pg-tls-sidecar, protocol metrics on |" in out.stdout
+    assert "| pg-tls-sidecar, protocol metrics on, asyncio event loop |" in out.stdout
