@@ -122,8 +122,13 @@ async def _with_sidecar(cluster: TlsOnlyCluster, once: bool, out: Narrator) -> i
     out.say(_first_line(err))
 
     upstream = f"host=localhost port={cluster.port} sslrootcert={cluster.ca_der_path}"
+    # Free ports for both listeners: the demo must not collide with a sidecar already running.
     settings = load_settings(
-        config_path=None, listen=["127.0.0.1:0"], upstream=upstream, environ={}
+        config_path=None,
+        listen=["127.0.0.1:0"],
+        upstream=upstream,
+        admin_listen="127.0.0.1:0",
+        environ={},
     )
     sidecar = Sidecar(settings)
     await sidecar.start()
@@ -132,6 +137,9 @@ async def _with_sidecar(cluster: TlsOnlyCluster, once: bool, out: Narrator) -> i
         out.begin(f"The sidecar listens on {host}:{port} and forwards over TLS:")
         out.say(f"upstream = {upstream}")
         out.say("(sslmode is verify-full by default: chain to ca.cer, and the name localhost)")
+        if sidecar.admin is not None:
+            admin_host, admin_port = sidecar.admin.address
+            out.say(f"status page: http://{admin_host}:{admin_port}/status, metrics: /metrics")
         out.say()
         out.say("the same psql with sslmode=disable, through the sidecar:")
         local = f"host={host} port={port} user={DEMO_USER} dbname={DEMO_DB} sslmode=disable"
