@@ -26,10 +26,23 @@ from proxy import tls
 from proxy.endpoint import Endpoint
 from proxy.errors import UpstreamError
 from proxy.settings import Timeouts, UpstreamSettings
+from proxy.tls_transport import TLSTransport, client_handshake
 from proxy.wire.messages import SSL_REQUEST
 from proxy.wire.negotiation import check_ssl_response
 
+# On close we flush, send close_notify and wait this long for the server's, like libpq (which
+# does not wait at all). asyncio's default of 30 s would keep a backend whose client died
+# busy-waiting on an open TCP connection.
 TLS_SHUTDOWN_TIMEOUT = 2.0
+
+# Which TLS layer carries the upstream leg: the sidecar's own (``proxy.tls_transport``, the
+# default) or asyncio's ``create_connection(ssl=...)``, kept selectable so that a benchmark can
+# compare the two in one run and an operator has a way back if ours misbehaves.
+TLS_TRANSPORT = os.environ.get("PG_TLS_SIDECAR_TLS_TRANSPORT", "sidecar")
+if TLS_TRANSPORT not in ("sidecar", "asyncio"):
+    raise SystemExit(
+        f'PG_TLS_SIDECAR_TLS_TRANSPORT="{TLS_TRANSPORT}" is not valid: use "sidecar" or "asyncio"'
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,18 +161,7 @@ async def _negotiate_tls(
                 answer = await loop.sock_recv(sock, 1)
                 check_ssl_response(answer, more_buffered=_more_buffered(sock))
             step = "during the TLS handshake"
-            _transport, endpoint = await loop.create_connection(
-                endpoint_factory,
-                sock=sock,
-                ssl=context,
-                server_hostname=tls.sni_for(up) or "",
-                ssl_handshake_timeout=limit + 1,
-                # On close we flush, send close_notify and wait this long for the server's,
-                # like libpq (which does not wait at all). asyncio's default of 30 s would keep
-                # a backend whose client died busy-waiting on an open TCP connection.
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
-            )
-            return endpoint
+            return await _start_tls(loop, sock, up, context, limit, endpoint_factory)
     except TimeoutError:
         raise UpstreamError(
             "timeout",
@@ -181,6 +183,31 @@ async def _negotiate_tls(
                 "closed", f"the upstream server {up.describe()} reset the connection {step}"
             ) from None
         raise
+
+
+async def _start_tls(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    up: UpstreamSettings,
+    context: ssl.SSLContext,
+    limit: float,
+    endpoint_factory: Callable[[], Endpoint],
+) -> Endpoint:
+    server_hostname = tls.sni_for(up) or None
+    if TLS_TRANSPORT == "asyncio":
+        _transport, endpoint = await loop.create_connection(
+            endpoint_factory,
+            sock=sock,
+            ssl=context,
+            server_hostname=server_hostname or "",
+            ssl_handshake_timeout=limit + 1,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+        )
+        return endpoint
+    endpoint = endpoint_factory()  # before the handshake, as asyncio does (the doctor relies on it)
+    sslobj, incoming, outgoing = await client_handshake(sock, context, server_hostname)
+    TLSTransport(loop, sock, sslobj, incoming, outgoing, endpoint, TLS_SHUTDOWN_TIMEOUT)
+    return endpoint
 
 
 def _more_buffered(sock: socket.socket) -> bool:

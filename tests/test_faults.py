@@ -240,16 +240,6 @@ def test_server_half_close_reaches_client_after_the_data(
     assert bytes(fake.connections[0].decrypted).endswith(b"Qselect\0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known limitation: asyncio's TLS transport cannot half-close, so a client's EOF closes "
-        "the upstream TLS leg at once and answers still in flight are lost. Half-closing the TCP "
-        "socket under TLS was tried: OpenSSL 3 on the server answers the unexpected EOF with a "
-        "decode_error alert, and asyncio drops decrypted data read in the same batch as an "
-        "alert. Needs the sidecar's own TLS layer (ssl.SSLObject + MemoryBIO, issue 7)."
-    ),
-)
 def test_client_half_close_still_gets_the_answer(
     start_sidecar: StartSidecar, certs: dict[str, Path]
 ) -> None:
