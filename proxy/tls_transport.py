@@ -249,6 +249,7 @@ class TLSTransport(asyncio.Transport):
         eof = False
         error: Exception | None = None
         sslobj = self._ssl
+        incoming = self._in
         while True:
             try:
                 n = cast(int, sslobj.read(size - filled, buf[filled:]))
@@ -267,6 +268,10 @@ class TLSTransport(asyncio.Transport):
             if filled == size:
                 self._deliver(bytes(buf))
                 filled = 0
+            if not incoming.pending and not sslobj.pending() and not incoming.eof:
+                # Nothing left to decrypt: stop here instead of asking OpenSSL once more and
+                # paying for an SSLWantReadError (its message is formatted on every raise).
+                break
         if self._out.pending:
             # Reading can produce records to send (alerts, key updates).
             self._send_outgoing()

@@ -91,6 +91,13 @@ WORKLOAD_TITLES: Final = {
 }
 LOWER_IS_BETTER: Final = frozenset({"select_c1"})
 ALL_TARGETS: Final = ("direct", "sidecar", "sidecar-nometrics", "stunnel", "pgbouncer")
+# Not run unless asked for (--targets): the sidecar with asyncio's own TLS transport on the
+# upstream leg instead of proxy.tls_transport, to measure what that transport buys; the sidecar
+# as a supervisor with two worker processes sharing the port (--workers 2), for hosts with
+# more cores than this benchmark's two.
+EXTRA_TARGETS: Final = ("sidecar-asyncio-tls", "sidecar-workers")
+SIDECAR_TARGETS: Final = ("sidecar", "sidecar-nometrics", "sidecar-asyncio-tls", "sidecar-workers")
+WORKERS_TARGET_PROCESSES: Final = 2
 
 
 class BenchmarkError(Exception):
@@ -117,6 +124,16 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of the process and its live children (a sidecar's worker processes)."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += tree_cpu_seconds(int(child))
+    return total
 
 
 def wait_until(
@@ -263,7 +280,7 @@ class Target:
         )
 
     def cpu(self) -> float | None:
-        return None if self.service is None else cpu_seconds(self.service.pid)
+        return None if self.service is None else tree_cpu_seconds(self.service.pid)
 
 
 def login_error(target: Target, ca_pem: Path) -> str | None:
@@ -282,13 +299,22 @@ def login_error(target: Target, ca_pem: Path) -> str | None:
 
 
 def start_sidecar(
-    work: Path, cluster: TlsOnlyCluster, *, metrics: bool, event_loop: str = "asyncio"
+    work: Path,
+    cluster: TlsOnlyCluster,
+    *,
+    metrics: bool,
+    event_loop: str = "asyncio",
+    name: str | None = None,
+    tls_transport: str = "sidecar",
+    workers: int = 1,
 ) -> Service:
     """``python -m proxy run`` from this checkout; the listening port is read from its log."""
-    name = "sidecar" if metrics else "sidecar-nometrics"
+    name = name or ("sidecar" if metrics else "sidecar-nometrics")
     log = work / f"{name}.log"
     argv = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0"]
     argv += ["--event-loop", event_loop]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     argv += [
         "--upstream",
         f"host=localhost hostaddr=127.0.0.1 port={cluster.port} "
@@ -301,15 +327,18 @@ def start_sidecar(
         config.write_text('admin:\n  listen: "off"\n  protocol_metrics: false\n')
         argv += ["--config", str(config)]
     # This checkout's proxy package, whatever the interpreter has installed.
-    return spawn(name, argv, log, env=clean_env(PYTHONPATH=str(REPO)))
+    env = clean_env(PYTHONPATH=str(REPO), PG_TLS_SIDECAR_TLS_TRANSPORT=tls_transport)
+    return spawn(name, argv, log, env=env)
 
 
-def sidecar_port(service: Service) -> int:
+def sidecar_port(service: Service, workers: int = 1) -> int:
     found: list[int] = []
 
     def listening() -> bool:
-        match = re.search(r"listening .*listen=127\.0\.0\.1:(\d+)", service.log.read_text())
-        if match:
+        text = service.log.read_text()
+        match = re.search(r"listening .*listen=127\.0\.0\.1:(\d+)", text)
+        # With workers, once every one of them listens: the kernel spreads over those alone.
+        if match and (workers == 1 or f"all {workers} workers serving" in text):
             found.append(int(match.group(1)))
         return bool(found)
 
@@ -601,18 +630,29 @@ def start_targets(
     targets["direct"] = Target(
         "direct", "libpq direct, sslmode=verify-full", cluster.port, "verify-full"
     )
-    for name in ("sidecar", "sidecar-nometrics"):
+    for name in SIDECAR_TARGETS:
         if name not in wanted:
             continue
+        metrics = name != "sidecar-nometrics"
+        tls_transport = "asyncio" if name == "sidecar-asyncio-tls" else "sidecar"
+        workers = WORKERS_TARGET_PROCESSES if name == "sidecar-workers" else 1
         service = start_sidecar(
-            work, cluster, metrics=name == "sidecar", event_loop=opts.event_loop
+            work,
+            cluster,
+            metrics=metrics,
+            event_loop=opts.event_loop,
+            name=name,
+            tls_transport=tls_transport,
+            workers=workers,
         )
         services.append(service)
-        port = sidecar_port(service)
+        port = sidecar_port(service, workers)
         description = (
             "pg-tls-sidecar, protocol metrics "
-            + ("on" if name == "sidecar" else "off")
+            + ("on" if metrics else "off")
             + f", {opts.event_loop} event loop"
+            + (", asyncio's TLS transport" if tls_transport == "asyncio" else "")
+            + (f", {workers} worker processes" if workers > 1 else "")
         )
         targets[name] = Target(name, description, port, "disable", service=service)
     peers = [p for p in ("stunnel", "pgbouncer") if p in wanted]
@@ -665,7 +705,7 @@ def start_targets(
             error = login_error(target, ca)
             if error is None:
                 continue
-        if target.name in ("direct", "sidecar", "sidecar-nometrics"):
+        if target.name == "direct" or target.name in SIDECAR_TARGETS:
             raise BenchmarkError(f"{target.name}: cannot log in: {error}")
         notes.append(f"{target.name}: fails: {error}")
         del targets[target.name]
@@ -824,7 +864,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default=",".join(ALL_TARGETS),
-        help=f"comma-separated subset of {','.join(ALL_TARGETS)} (direct is always run)",
+        help=f"comma-separated subset of {','.join(ALL_TARGETS + EXTRA_TARGETS)} "
+        f"(direct is always run; the default leaves out {', '.join(EXTRA_TARGETS)})",
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}"
@@ -852,7 +893,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opts.targets = [t for t in opts.targets.split(",") if t]
     opts.workloads = [w for w in opts.workloads.split(",") if w]
     for kind, chosen, allowed in (
-        ("target", opts.targets, ALL_TARGETS),
+        ("target", opts.targets, ALL_TARGETS + EXTRA_TARGETS),
         ("workload", opts.workloads, WORKLOADS),
     ):
         unknown = sorted(set(chosen) - set(allowed))
