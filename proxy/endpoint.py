@@ -109,7 +109,8 @@ class Endpoint(asyncio.Protocol):
             sink.peer_finished()
         self._wake()
         # Keep our write side open: the other direction may still be relaying (half-close).
-        # asyncio's TLS transport cannot do that and warns if asked, so only plain TCP asks.
+        # Only the client leg asks: on the upstream leg EOF means the server ended the session
+        # (and asyncio's TLS transport, still selectable, warns if asked).
         return None if self.tls else True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -177,11 +178,11 @@ class Endpoint(asyncio.Protocol):
                 sink.peer_finished()
 
     def peer_finished(self) -> None:
-        """The endpoint feeding us reached EOF: pass the half-close on where TCP allows it.
+        """The endpoint feeding us reached EOF: pass the half-close on.
 
-        A TLS transport cannot half-close, and a PostgreSQL server treats EOF from its client as
-        the end of the session anyway, so the upstream leg is closed (after flushing, with a TLS
-        close_notify) instead.
+        On the upstream leg ``write_eof`` sends TLS close_notify and the server's remaining
+        answers are still relayed (``tls_transport``). asyncio's TLS transport (selectable for
+        comparison) cannot half-close: the leg is then closed, after flushing, instead.
         """
         transport = self.transport
         if transport is None or transport.is_closing():
