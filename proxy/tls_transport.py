@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import warnings
 import weakref
 from typing import Any, Final, cast
 
@@ -400,8 +401,11 @@ class TLSTransport(asyncio.Transport):
 
     def __del__(self) -> None:
         if getattr(self, "_state", _CLOSED) != _CLOSED:
-            # Never reached through the sidecar (sessions close their legs); a socket left open
-            # here would leak the fd silently, so close it as asyncio's transports do.
+            # A leak (a session always closes its legs): say so as asyncio's transports do,
+            # and release the descriptor.
+            warnings.warn(
+                f"unclosed TLS transport {self!r}", ResourceWarning, stacklevel=1, source=self
+            )
             self._sock.close()
 
 

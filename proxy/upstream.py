@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from proxy import tls
 from proxy.endpoint import Endpoint
@@ -98,7 +100,9 @@ async def _open_tcp(up: UpstreamSettings) -> tuple[socket.socket, str]:
     loop = asyncio.get_running_loop()
     host = up.connect_host
     try:
-        infos = await loop.getaddrinfo(host, up.port, type=socket.SOCK_STREAM)
+        infos = _numeric_address(host, up.port) or await loop.getaddrinfo(
+            host, up.port, type=socket.SOCK_STREAM
+        )
     except socket.gaierror as exc:
         raise UpstreamError(
             "dns",
@@ -126,6 +130,24 @@ async def _open_tcp(up: UpstreamSettings) -> tuple[socket.socket, str]:
         f"could not connect to the upstream server {up.describe()}: " + "; ".join(errors),
         hint="is the server running and accepting TCP connections on that port?",
     )
+
+
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+def _numeric_address(host: str, port: int) -> list[AddrInfo]:
+    """An IP literal (``hostaddr``, or a host given as an address) needs no resolver call.
+
+    ``loop.getaddrinfo`` always goes through the default thread pool: two thread hand-offs per
+    connection for an answer we already have.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return []  # a name, or a form only the resolver knows (scope ids, "127.1")
+    if ip.version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
 
 
 def _host_of(sockaddr: object) -> str:
