@@ -93,6 +93,57 @@ class AdminSource(Protocol):
         ...
 
 
+class AdminView:
+    """What the endpoint serves, asked asynchronously.
+
+    One process answers from its own memory (``LocalView``); a supervisor of worker processes
+    has to ask each worker first (``proxy.workers``), so every question may wait.
+    """
+
+    async def exposition(self) -> tuple[bytes, str]:
+        """The metrics body and its Content-Type."""
+        raise NotImplementedError
+
+    async def health(self) -> Health:
+        raise NotImplementedError
+
+    async def status(self) -> StatusDoc:
+        raise NotImplementedError
+
+    def render_status(self, status: StatusDoc) -> str:
+        """The HTML page for ``status``."""
+        return render_html(status)
+
+    def request_shutdown(self) -> None:
+        """Start the same graceful drain as SIGTERM; must return at once."""
+        raise NotImplementedError
+
+    async def reload(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+
+class LocalView(AdminView):
+    """The view of one sidecar process: its own statistics, read on its own loop."""
+
+    def __init__(self, source: AdminSource) -> None:
+        self._source = source
+
+    async def exposition(self) -> tuple[bytes, str]:
+        return self._source.metrics.exposition()
+
+    async def health(self) -> Health:
+        return self._source.health()
+
+    async def status(self) -> StatusDoc:
+        return self._source.status()
+
+    def request_shutdown(self) -> None:
+        self._source.request_shutdown()
+
+    async def reload(self) -> tuple[bool, str]:
+        return await self._source.reload()
+
+
 @dataclass(frozen=True, slots=True)
 class Response:
     status: int
@@ -223,9 +274,13 @@ class AdminServer:
     """Serves the admin endpoints on one TCP address from the running event loop."""
 
     def __init__(
-        self, source: AdminSource, listen: TcpListen, *, read_timeout: float = READ_TIMEOUT
+        self,
+        source: AdminSource | AdminView,
+        listen: TcpListen,
+        *,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
-        self._source = source
+        self._source = source if isinstance(source, AdminView) else LocalView(source)
         self._listen = listen
         self._read_timeout = read_timeout
         self._server: asyncio.Server | None = None
@@ -329,7 +384,7 @@ class AdminServer:
                 headers=(("Allow", ", ".join(allowed)),),
             )
         if request.path == "/metrics":
-            body, content_type = self._source.metrics.exposition()
+            body, content_type = await self._source.exposition()
             return Response(200, body, content_type)
         if request.path == "/shutdown":
             return self._shutdown(request, peer)
@@ -338,25 +393,25 @@ class AdminServer:
             applied, message = await self._source.reload()
             return Response(200 if applied else 409, message.encode() + b"\n")
         if request.path == "/status":
-            return self._status(request)
-        health = self._source.health()
+            return await self._status(request)
+        health = await self._source.health()
         if request.path == "/startup":
             return _probe(health.started, "started", ("starting",))
         if request.path == "/livez":
             return _probe(health.live, "ok", ("not live",))
         return _probe(health.ready, "ok", health.reasons or ("not ready",))
 
-    def _status(self, request: Request) -> Response:
+    async def _status(self, request: Request) -> Response:
         formats = parse_qs(request.query, keep_blank_values=True).get("format", ["html"])
         if len(formats) != 1 or formats[0] not in ("html", "json"):
             raise HttpError(400, "format must be html or json")
-        status = self._source.status()
+        status = await self._source.status()
         if formats[0] == "json":
             body = json.dumps(status, indent=2, ensure_ascii=False).encode() + b"\n"
             return Response(200, body, JSON)
         return Response(
             200,
-            render_html(status).encode(),
+            self._source.render_status(status).encode(),
             HTML,
             (("Content-Security-Policy", _HTML_POLICY),),
         )

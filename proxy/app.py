@@ -16,7 +16,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
 from proxy import __version__, tls
@@ -44,9 +44,18 @@ class Sidecar:
     """Programmatic entry point; the CLI, the demo and the tests all drive this class."""
 
     def __init__(
-        self, settings: Settings, *, reloader: Callable[[], Settings] | None = None
+        self,
+        settings: Settings,
+        *,
+        reloader: Callable[[], Settings] | None = None,
+        reuse_port: bool = False,
+        inherited: Mapping[str, socket.socket] | None = None,
     ) -> None:
+        """``reuse_port`` and ``inherited`` are for a worker process (``proxy.workers``): TCP
+        ports shared with ``SO_REUSEPORT``, Unix sockets bound by the supervisor (by path)."""
         self.settings = settings
+        self._reuse_port = reuse_port
+        self._inherited = dict(inherited or {})
         self.limiter = ConnectionLimiter(settings.limits.max_connections)
         self.routes: list[RouteRuntime] = []
         self.sessions: dict[Session, asyncio.Task[None]] = {}
@@ -393,6 +402,8 @@ class Sidecar:
             endpoint.on_connected = lambda ep: self._accept(name, ep)
             return endpoint
 
+        if self._reuse_port:
+            _check_shareable(name, listen, self._inherited)
         try:
             # Like PostgreSQL: room for a connection storm of twice max_connections (the
             # kernel caps it at net.core.somaxconn); asyncio's default of 100 drops SYNs.
@@ -403,10 +414,17 @@ class Sidecar:
                     listen.host,
                     listen.port,
                     reuse_address=True,
+                    reuse_port=self._reuse_port or None,
                     backlog=backlog,
                     start_serving=False,
                 )
-            _remove_stale_socket(listen.path)
+            inherited = self._inherited.get(listen.path)
+            if inherited is not None:
+                # Bound and chmod-ed by the supervisor, which also removes the file at the end.
+                return await loop.create_unix_server(
+                    factory, sock=inherited, backlog=backlog, start_serving=False
+                )
+            remove_stale_socket(listen.path)
             server = await loop.create_unix_server(
                 factory, listen.path, backlog=backlog, start_serving=False
             )
@@ -414,15 +432,7 @@ class Sidecar:
             self._unix_inodes[listen.path] = os.stat(listen.path).st_ino
             return server
         except OSError as exc:
-            why = exc.strerror or str(exc)
-            fix = ""
-            if exc.errno == errno.EADDRINUSE:
-                fix = "; another PostgreSQL server or sidecar is using it, choose another address"
-            elif exc.errno in (errno.EACCES, errno.EPERM):
-                fix = "; ports below 1024 need privileges, and the directory must be writable"
-            raise ListenError(
-                f"route {name!r}: could not listen on {listen.describe()}: {why}{fix}"
-            ) from None
+            raise listen_error(name, listen, exc) from None
 
     def addresses(self, route: str | None = None) -> list[tuple[str, int] | str]:
         """Bound addresses (TCP as ``(host, port)`` with port 0 resolved, Unix as paths)."""
@@ -541,7 +551,36 @@ class Sidecar:
         listeners.clear()
 
 
-def _remove_stale_socket(path: str) -> None:
+def listen_error(route: str, listen: Listen, exc: OSError) -> ListenError:
+    """The one wording of a bind failure, whichever process binds (a worker's supervisor too)."""
+    why = exc.strerror or str(exc)
+    fix = ""
+    if exc.errno == errno.EADDRINUSE:
+        fix = "; another PostgreSQL server or sidecar is using it, choose another address"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "; ports below 1024 need privileges, and the directory must be writable"
+    return ListenError(f"route {route!r}: could not listen on {listen.describe()}: {why}{fix}")
+
+
+def _check_shareable(route: str, listen: Listen, inherited: Mapping[str, socket.socket]) -> None:
+    """In a worker, only listeners the supervisor prepared can be shared with its siblings.
+
+    A reload that adds a port-0 listener would give each worker its own random port, and one
+    that adds a Unix socket would have the workers fight over the path: both need a restart.
+    """
+    if isinstance(listen, TcpListen) and listen.port == 0:
+        raise ListenError(
+            f"route {route!r}: cannot add {listen.describe()} while running with several "
+            "workers: port 0 is resolved once, at start; give a port number, or restart"
+        )
+    if isinstance(listen, UnixListen) and listen.path not in inherited:
+        raise ListenError(
+            f"route {route!r}: cannot add the Unix socket {listen.path} while running with "
+            "several workers: the supervisor binds Unix sockets at start; restart to add one"
+        )
+
+
+def remove_stale_socket(path: str) -> None:
     """Remove a socket file left by a crashed process; refuse if something still listens."""
     try:
         st = os.lstat(path)

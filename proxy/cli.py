@@ -33,6 +33,7 @@ ADMIN_ENV = "PG_TLS_SIDECAR_ADMIN_LISTEN"
 
 if TYPE_CHECKING:
     from proxy.settings import Settings
+    from proxy.workers import WorkerLink
 
 log = logging.getLogger("proxy.cli")
 
@@ -105,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): uvloop when installed (pip install 'pg-tls-sidecar[uvloop]'), "
         "else the stdlib loop; environment: PG_TLS_SIDECAR_EVENT_LOOP",
     )
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes sharing the listening ports with SO_REUSEPORT, for hosts with "
+        "more than two cores; auto: one per CPU (default 1: one process); environment: "
+        "PG_TLS_SIDECAR_WORKERS",
+    )
+    # Set by the supervisor when it starts a worker; not for users.
+    run.add_argument("--worker-spec", help=argparse.SUPPRESS)
     run.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     run.add_argument(
         "--log-level",
@@ -203,6 +213,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.eventloop import choose_loop
     from proxy.logs import configure_logging
 
+    link: WorkerLink | None = None
+    if args.worker_spec is not None:
+        from proxy.workers import WorkerLink, WorkerSpec
+
+        try:
+            link = WorkerLink(WorkerSpec.from_json(args.worker_spec))
+        except ConfigError as exc:
+            print(f"pg-tls-sidecar: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        link.tag_logs()
     # Log in the requested format from the first line: the loader itself warns (ignored options).
     configure_logging(args.log_format or "text", args.log_level or "info")
 
@@ -219,14 +239,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             event_loop=args.event_loop,
+            workers=args.workers,
             environ=os.environ,
         )
+        if link is not None:
+            # A worker: its supervisor warns about what a reload cannot change, once.
+            from proxy.workers import apply_spec
+
+            return apply_spec(new, link.spec)
         if in_use and new.event_loop != in_use[0].event_loop:
             log.warning(
                 "event_loop changed from %s to %s: a running loop cannot be swapped, "
                 "the change takes effect at the next start",
                 in_use[0].event_loop,
                 new.event_loop,
+            )
+        if in_use and new.workers != in_use[0].workers and in_use[0].workers == 1:
+            log.warning(
+                "workers changed from 1 to %d: the number of processes changes at the next start",
+                new.workers,
             )
         return new
 
@@ -235,20 +266,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop_name, loop_factory = choose_loop(settings.event_loop)
     except ConfigError as exc:
         print(f"pg-tls-sidecar: configuration error: {exc}", file=sys.stderr)
+        if link is not None:
+            link.report_failed(EXIT_CONFIG, f"configuration error: {exc}")
         return EXIT_CONFIG
     in_use.append(settings)
     configure_logging(settings.logging.format, settings.logging.level)
+    if link is None and settings.workers > 1:
+        from proxy.workers import supervise
+
+        return supervise(settings, _worker_argv(args), load)
     # SIGHUP, POST /reload and file changes re-run the same load with the same flags.
     # asyncio.Runner rather than asyncio.run: only it takes a loop factory on Python 3.11.
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(_serve(settings, load, loop_name))
+        return runner.run(_serve(settings, load, loop_name, link))
 
 
-async def _serve(settings: Settings, load: Callable[[], Settings], loop_name: str) -> int:
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """``run`` with the flags this process was given, for a worker (its spec is added later).
+
+    ``--flag=value``, so a value starting with ``-`` cannot be read as a flag. The environment
+    and the working directory are inherited, so relative paths and PG* variables read alike.
+    """
+    argv = [sys.executable, "-m", "proxy", "run"]
+    for flag, values in (("--listen", args.listen), ("--unix-socket", args.unix_socket)):
+        argv += [f"{flag}={value}" for value in values]
+    for flag, value in (
+        ("--config", args.config),
+        ("--unix-socket-mode", args.unix_socket_mode),
+        ("--upstream", args.upstream),
+        ("--admin-listen", args.admin_listen),
+        ("--event-loop", args.event_loop),
+        ("--log-format", args.log_format),
+        ("--log-level", args.log_level),
+        ("--workers", args.workers),
+    ):
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+async def _serve(
+    settings: Settings, load: Callable[[], Settings], loop_name: str, link: WorkerLink | None
+) -> int:
     from proxy.app import Sidecar
     from proxy.logs import log_event
 
-    sidecar = Sidecar(settings, reloader=load)
+    sidecar = Sidecar(
+        settings,
+        reloader=load,
+        reuse_port=link is not None,
+        inherited=link.inherited if link is not None else None,
+    )
     forced = False
     stop_requested = False
 
@@ -291,11 +359,21 @@ async def _serve(settings: Settings, load: Callable[[], Settings], loop_name: st
         await sidecar.start()
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
+        if link is not None:
+            link.report_failed(EXIT_CONFIG, f"configuration error: {exc}")
         return EXIT_CONFIG
     except ListenError as exc:
         log.error("%s", exc)
+        if link is not None:
+            link.report_failed(EXIT_START_FAILED, str(exc))
         return EXIT_START_FAILED
+    watcher: asyncio.Task[None] | None = None
+    if link is not None:
+        link.report_started(sidecar)
+        watcher = loop.create_task(link.watch(sidecar.request_shutdown))
     if stop_requested:
         sidecar.request_shutdown()
     await sidecar.wait_stopped()
+    if watcher is not None:
+        watcher.cancel()
     return EXIT_FORCED if forced else EXIT_OK

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from proxy.hostname import inet_aton
 from proxy.settings import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_PORT,
+    MAX_WORKERS,
     SERVER_AUTHENTICATION_TIMEOUT,
     AdminSettings,
     EventLoopSetting,
@@ -150,7 +152,17 @@ _KEEPALIVE_LIMITS: Final = {
 _ROUTE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 
-_TOP_KEYS: Final = ("timeouts", "limits", "logging", "admin", "reload", "event_loop", "routes")
+_TOP_KEYS: Final = (
+    "timeouts",
+    "limits",
+    "logging",
+    "admin",
+    "reload",
+    "event_loop",
+    "workers",
+    "routes",
+)
+WORKERS_ENV: Final = "PG_TLS_SIDECAR_WORKERS"  # like --workers, below file and flag
 _ADMIN_KEYS: Final = ("listen", "readiness", "protocol_metrics")
 _READINESS_KEYS: Final = ("upstream_check", "interval")
 _ROUTE_KEYS: Final = ("name", "listen", "unix_socket", "max_connections", "pool", "upstream")
@@ -786,6 +798,42 @@ def _event_loop(value: object, key: str) -> tuple[EventLoopSetting, str]:
     )
 
 
+def _workers(value: object, key: str, *, reuse_port: bool | None = None) -> int:
+    """A number of worker processes, or ``auto``: one per CPU this process may run on.
+
+    Above 1 the workers share each TCP port through ``SO_REUSEPORT``; without it (not Linux,
+    not a BSD) there is no way to spread connections, so that is refused here rather than at
+    the first bind. ``reuse_port`` overrides the platform check (tests).
+    """
+    fix = f"use a whole number 1..{MAX_WORKERS}, or auto (one per CPU)"
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        number = min(MAX_WORKERS, _cpu_count())
+    elif isinstance(value, bool) or not isinstance(value, int | str):
+        _fail(key, f"must be a number of processes or auto, not {_type_name(value)}", fix=fix)
+    elif isinstance(value, str) and not (value.strip().isdigit() and value.strip().isascii()):
+        _fail(key, "is not a number of processes", value=value, fix=fix)
+    else:
+        number = int(value)
+        if not 1 <= number <= MAX_WORKERS:
+            _fail(key, f"is out of range 1..{MAX_WORKERS}", value=value, fix=fix)
+    available = hasattr(socket, "SO_REUSEPORT") if reuse_port is None else reuse_port
+    if number > 1 and not available:
+        _fail(
+            key,
+            "needs SO_REUSEPORT, which this platform does not offer",
+            value=value,
+            fix="use workers: 1 (one process) here; several workers run on Linux",
+        )
+    return number
+
+
+def _cpu_count() -> int:
+    """CPUs this process may use (a container's cpuset, taskset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 # --- admin endpoint
 
 
@@ -1004,14 +1052,15 @@ def load_settings(
     log_level: str | None = None,
     admin_listen: str | None = None,
     event_loop: str | None = None,
+    workers: str | None = None,
     environ: Mapping[str, str],
 ) -> Settings:
     """Build the whole configuration, or raise ``ConfigError`` before anything is started.
 
     The arguments are the CLI's flags (``--config``, ``--listen``, ``--unix-socket``,
     ``--unix-socket-mode``, ``--upstream``, ``--log-format``, ``--log-level``,
-    ``--admin-listen``: ``HOST:PORT`` or ``off``, ``--event-loop``) and the process
-    environment, passed in so tests never touch ``os.environ``.
+    ``--admin-listen``: ``HOST:PORT`` or ``off``, ``--event-loop``, ``--workers``) and the
+    process environment, passed in so tests never touch ``os.environ``.
     """
     timeouts, limits, log_settings, reload = Timeouts(), Limits(), LogSettings(), ReloadSettings()
     admin, admin_key, admin_source = AdminSettings(), "admin.listen", config_path
@@ -1021,6 +1070,10 @@ def load_settings(
     loop_source: str | None = None
     if EVENT_LOOP_ENV in environ:
         loop_choice = _event_loop(environ[EVENT_LOOP_ENV], EVENT_LOOP_ENV)
+    # The same order for workers: flag, then file, then environment.
+    worker_count = 1
+    if environ.get(WORKERS_ENV):
+        worker_count = _workers(environ[WORKERS_ENV], WORKERS_ENV)
     if config_path is not None:
         document = _read_yaml(config_path)
         with _source(config_path):
@@ -1038,6 +1091,8 @@ def load_settings(
             if document.get("event_loop") is not None:
                 loop_choice = _event_loop(document["event_loop"], "event_loop")
                 loop_source = config_path
+            if document.get("workers") is not None:
+                worker_count = _workers(document["workers"], "workers")
             if "routes" in document:
                 routes = _file_routes(document["routes"], base_dir, config_path)
 
@@ -1084,6 +1139,9 @@ def load_settings(
     with _source(loop_source):
         choose_loop(loop_choice[0], key=loop_choice[1])
 
+    if workers is not None:
+        worker_count = _workers(workers, "--workers")
+
     if admin_listen is not None:
         admin = dataclasses.replace(admin, listen=_admin_listen(admin_listen, "--admin-listen"))
         admin_key, admin_source = "--admin-listen", None
@@ -1100,6 +1158,7 @@ def load_settings(
         reload=reload,
         source=config_path,
         event_loop=loop_choice[0],
+        workers=worker_count,
     )
 
 

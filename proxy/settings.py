@@ -18,6 +18,7 @@ LogFormat = Literal["text", "json"]
 EventLoopSetting = Literal["auto", "asyncio", "uvloop"]  # auto: uvloop when installed
 
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
+MAX_WORKERS: Final = 256
 DEFAULT_PORT: Final = 5432
 
 
@@ -193,3 +194,6 @@ class Settings:
     source: str | None = None  # the config file this came from, for messages
     # Read once at start (a reload cannot swap the running loop); see proxy.eventloop.
     event_loop: EventLoopSetting = "auto"
+    # Processes relaying sessions; above 1 a supervisor runs that many workers sharing the
+    # listening ports with SO_REUSEPORT (see proxy.workers). Read once at start.
+    workers: int = 1
