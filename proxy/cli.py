@@ -212,6 +212,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from proxy.config import load_settings
     from proxy.eventloop import choose_loop
     from proxy.logs import configure_logging
+    from proxy.upstream import choose_tls_transport
 
     link: WorkerLink | None = None
     if args.worker_spec is not None:
@@ -264,6 +265,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         settings = load()
         loop_name, loop_factory = choose_loop(settings.event_loop)
+        choose_tls_transport(os.environ)
     except ConfigError as exc:
         print(f"pg-tls-sidecar: configuration error: {exc}", file=sys.stderr)
         if link is not None:

@@ -20,13 +20,13 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from proxy import tls
 from proxy.endpoint import Endpoint
-from proxy.errors import UpstreamError
+from proxy.errors import ConfigError, UpstreamError
 from proxy.settings import Timeouts, UpstreamSettings
 from proxy.tls_transport import TLSTransport, client_handshake
 from proxy.wire.messages import SSL_REQUEST
@@ -40,11 +40,25 @@ TLS_SHUTDOWN_TIMEOUT = 2.0
 # Which TLS layer carries the upstream leg: the sidecar's own (``proxy.tls_transport``, the
 # default) or asyncio's ``create_connection(ssl=...)``, kept selectable so that a benchmark can
 # compare the two in one run and an operator has a way back if ours misbehaves.
-TLS_TRANSPORT = os.environ.get("PG_TLS_SIDECAR_TLS_TRANSPORT", "sidecar")
-if TLS_TRANSPORT not in ("sidecar", "asyncio"):
-    raise SystemExit(
-        f'PG_TLS_SIDECAR_TLS_TRANSPORT="{TLS_TRANSPORT}" is not valid: use "sidecar" or "asyncio"'
-    )
+TLS_TRANSPORT_ENV = "PG_TLS_SIDECAR_TLS_TRANSPORT"
+TLS_TRANSPORTS = ("sidecar", "asyncio")
+TLS_TRANSPORT = "sidecar"
+
+
+def choose_tls_transport(environ: Mapping[str, str]) -> str:
+    """Read ``PG_TLS_SIDECAR_TLS_TRANSPORT`` once, at start; a bad value is a ConfigError."""
+    global TLS_TRANSPORT
+    value = environ.get(TLS_TRANSPORT_ENV, "sidecar").strip() or "sidecar"
+    if value not in TLS_TRANSPORTS:
+        raise ConfigError(
+            TLS_TRANSPORT_ENV,
+            "is not a TLS transport this sidecar has",
+            value=value,
+            fix='"sidecar" (the default, the sidecar\'s own) or "asyncio" (asyncio\'s, to compare)',
+            source="environment",
+        )
+    TLS_TRANSPORT = value
+    return value
 
 
 @dataclass(frozen=True, slots=True)

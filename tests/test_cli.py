@@ -208,3 +208,34 @@ def _admin_address(stream: IO[str]) -> str:
         if doc.get("event") == "admin_ready":
             return str(doc["listen"])
     raise AssertionError("the sidecar never logged its admin address")
+
+
+def test_unknown_tls_transport_exits_2(pg_upstream: str) -> None:
+    env = _env()
+    env["PG_TLS_SIDECAR_TLS_TRANSPORT"] = "openssl-please"
+    res = subprocess.run(
+        [*PROXY, "run", "--listen", "127.0.0.1:0", "--upstream", pg_upstream],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert res.returncode == 2
+    assert "PG_TLS_SIDECAR_TLS_TRANSPORT" in res.stderr and "openssl-please" in res.stderr
+
+
+@pytest.mark.parametrize("transport", ["sidecar", "asyncio"])
+def test_either_tls_transport_carries_a_verified_session(pg_upstream: str, transport: str) -> None:
+    """The escape hatch (asyncio's TLS transport) must keep working, not just exist."""
+    env = _env()
+    env["PG_TLS_SIDECAR_TLS_TRANSPORT"] = transport
+    with _running("--upstream", pg_upstream, env=env) as (proc, port):
+        info = f"host=127.0.0.1 port={port} user=app password=app-secret-pw dbname=app"
+        with psycopg.connect(info + " sslmode=disable") as conn:
+            row = conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
+            assert row.fetchone() == (True,)
+            assert conn.execute("select count(*) from generate_series(1, 50000)").fetchone() == (
+                50000,
+            )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
