@@ -39,6 +39,8 @@ from proxy.status_page import (
 
 log = logging.getLogger("proxy.app")
 
+ACCEPT_SETTLE_ITERATIONS = 5
+
 
 class Sidecar:
     """Programmatic entry point; the CLI, the demo and the tests all drive this class."""
@@ -504,6 +506,12 @@ class Sidecar:
                     if task in pending:
                         session.abort()
                 await asyncio.wait(pending, timeout=5)
+        # A connection accepted just before the listeners closed is still being set up: asyncio
+        # creates its transport in a task, then _accept aborts it, then the socket is closed in
+        # a callback: three loop iterations. Let them run so no socket is left open when the
+        # loop stops (seen as a ResourceWarning for an accepted Unix-socket connection).
+        for _ in range(ACCEPT_SETTLE_ITERATIONS):
+            await asyncio.sleep(0)
         for probe in self._probes:
             probe.cancel()
         if self._probes:

@@ -124,6 +124,8 @@ class TLSTransport(asyncio.Transport):
         self._writing_paused = False
         self._writer_registered = False
         self._shutdown_started = False
+        self._fin_pending = False  # TCP FIN to send once the queued close_notify is out
+        self._backlog = bool(incoming.pending)  # bytes left undecrypted while reading was paused
         self._timeout: asyncio.TimerHandle | None = None
         self._high = HIGH_WATER
         self._low = LOW_WATER
@@ -138,9 +140,10 @@ class TLSTransport(asyncio.Transport):
             "peercert": sslobj.getpeercert(),
         }
         protocol.connection_made(self)
-        if self._state == _OPEN:
+        # The protocol may have paused reading, or even closed, from connection_made.
+        if self._state == _OPEN and self._reading:
             loop.add_reader(self._fd, self._read_ready)
-            if incoming.pending:
+            if self._backlog:
                 loop.call_soon(self._decrypt_and_deliver)
 
     # -- asyncio.BaseTransport ----------------------------------------------------------------
@@ -185,14 +188,17 @@ class TLSTransport(asyncio.Transport):
             self._reading = True
             if self._state < _CLOSING:
                 self._set_reader(True)
-                if self._in.pending:
+                if self._backlog:
                     self._loop.call_soon(self._decrypt_and_deliver)
 
     # -- asyncio.WriteTransport ---------------------------------------------------------------
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._high = HIGH_WATER if high is None else high
-        self._low = self._high // 4 if low is None else low
+        high = HIGH_WATER if high is None else high
+        low = high // 4 if low is None else low
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._low, self._high
@@ -202,7 +208,9 @@ class TLSTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._state != _OPEN or not data:
-            return
+            if self._state == _EOF_SENT and data:
+                raise RuntimeError("Cannot call write() after write_eof()")
+            return  # closing: nobody will read it (asyncio's transports drop it too)
         try:
             self._ssl.write(data)
         except ssl.SSLError as exc:
@@ -227,6 +235,8 @@ class TLSTransport(asyncio.Transport):
     # -- internals: reading -------------------------------------------------------------------
 
     def _read_ready(self) -> None:
+        if not self._reading and self._state < _CLOSING:
+            return  # paused by a callback that ran earlier in this loop iteration
         try:
             n = self._sock.recv_into(self._cipher_buf)
         except (BlockingIOError, InterruptedError):
@@ -241,9 +251,14 @@ class TLSTransport(asyncio.Transport):
         self._decrypt_and_deliver()
 
     def _decrypt_and_deliver(self) -> None:
-        """Decrypt everything the BIO holds into the shared buffer and hand it on in one piece."""
+        """Decrypt what the BIO holds into the shared buffer and hand it on in one piece.
+
+        Stops early, leaving the rest in the BIO, when the protocol pauses reading from
+        ``data_received``; ``resume_reading`` picks it up again.
+        """
         if self._state == _CLOSED:
             return
+        self._backlog = False
         buf = self._plain_buf
         size = len(buf)
         filled = 0
@@ -266,13 +281,17 @@ class TLSTransport(asyncio.Transport):
                 eof = True
                 break
             filled += n
+            # Nothing left to decrypt: stop here instead of asking OpenSSL once more and paying
+            # for an SSLWantReadError (CPython formats its message on every raise).
+            more = incoming.pending or sslobj.pending() or incoming.eof
+            if not more:
+                break
             if filled == size:
                 self._deliver(bytes(buf))
                 filled = 0
-            if not incoming.pending and not sslobj.pending() and not incoming.eof:
-                # Nothing left to decrypt: stop here instead of asking OpenSSL once more and
-                # paying for an SSLWantReadError (its message is formatted on every raise).
-                break
+                if not self._reading and self._state < _CLOSING:
+                    self._backlog = True
+                    return
         if self._out.pending:
             # Reading can produce records to send (alerts, key updates).
             self._send_outgoing()
@@ -341,16 +360,20 @@ class TLSTransport(asyncio.Transport):
         self._loop.remove_writer(self._fd)
         self._writer_registered = False
         if self._writing_paused:
+            # Paired with pause_writing even while closing, as asyncio's transports do.
             self._writing_paused = False
-            if self._state == _OPEN:
-                self._protocol.resume_writing()
-        if self._state in (_EOF_SENT, _CLOSING):
+            self._protocol.resume_writing()
+        if self._state == _CLOSED:
+            return
+        if self._fin_pending:
+            self._send_fin()
+        elif self._state in (_EOF_SENT, _CLOSING):
             self._start_shutdown()
 
     # -- internals: closing -------------------------------------------------------------------
 
     def _start_shutdown(self) -> None:
-        """Send close_notify and the TCP FIN; the peer's answer is awaited by ``_read_ready``."""
+        """Queue close_notify, then the TCP FIN; the peer's answer is awaited by ``_read_ready``."""
         if self._shutdown_started or self._state == _CLOSED:
             return
         self._shutdown_started = True
@@ -360,10 +383,17 @@ class TLSTransport(asyncio.Transport):
             pass  # close_notify queued; the server's comes later (or never: we do not need it)
         except ssl.SSLError:
             pass  # the session is unusable anyway; closing TCP is all that is left
-        data = self._out.read()
+        self._send_outgoing()
+        if self._state == _CLOSED:
+            return
+        if self._wbuf:
+            self._fin_pending = True  # _write_ready sends it once close_notify is out
+        else:
+            self._send_fin()
+
+    def _send_fin(self) -> None:
+        self._fin_pending = False
         try:
-            if data:
-                self._sock.send(data)
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._finish(None)
