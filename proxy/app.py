@@ -39,8 +39,6 @@ from proxy.status_page import (
 
 log = logging.getLogger("proxy.app")
 
-ACCEPT_SETTLE_ITERATIONS = 5
-
 
 class Sidecar:
     """Programmatic entry point; the CLI, the demo and the tests all drive this class."""
@@ -78,6 +76,10 @@ class Sidecar:
         self._probes: list[asyncio.Task[None]] = []
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Client connections a listener accepted that are not (yet) a session: a shutdown
+        # waits for the ones it refuses to be closed.
+        self._unclaimed: set[Endpoint] = set()
+        self._closing: list[asyncio.Future[None]] = []
 
     # -- start --------------------------------------------------------------------------------
 
@@ -402,6 +404,8 @@ class Sidecar:
         def factory() -> Endpoint:
             endpoint = Endpoint("client")
             endpoint.on_connected = lambda ep: self._accept(name, ep)
+            self._unclaimed.add(endpoint)
+            endpoint.closed.add_done_callback(lambda _f: self._unclaimed.discard(endpoint))
             return endpoint
 
         if self._reuse_port:
@@ -461,6 +465,7 @@ class Sidecar:
             return
         peer = client.transport.get_extra_info("peername")
         peername = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "[local]"
+        self._unclaimed.discard(client)
         session = Session(route, client, peername)
         task = asyncio.get_running_loop().create_task(session.run())
         self.sessions[session] = task
@@ -506,12 +511,13 @@ class Sidecar:
                     if task in pending:
                         session.abort()
                 await asyncio.wait(pending, timeout=5)
-        # A connection accepted just before the listeners closed is still being set up: asyncio
-        # creates its transport in a task, then _accept aborts it, then the socket is closed in
-        # a callback: three loop iterations. Let them run so no socket is left open when the
-        # loop stops (seen as a ResourceWarning for an accepted Unix-socket connection).
-        for _ in range(ACCEPT_SETTLE_ITERATIONS):
-            await asyncio.sleep(0)
+        # Connections accepted just before the listeners closed were refused by _accept; wait
+        # until they are really closed, so none is left open when the loop stops.
+        if self._closing:
+            await asyncio.gather(*self._closing)
+        refused = [ep.closed for ep in self._unclaimed]
+        if refused:
+            await asyncio.wait(refused, timeout=5)
         for probe in self._probes:
             probe.cancel()
         if self._probes:
@@ -548,8 +554,27 @@ class Sidecar:
             self.admin.close()
 
     def _close_listeners(self, listeners: dict[tuple[str, Listen], asyncio.Server]) -> None:
+        """Stop accepting now; close each server once the connections it accepted are set up.
+
+        The stdlib selector loop accepts a connection in one callback and builds its transport
+        in a task that runs a loop iteration later; a ``Server.close()`` in between makes that
+        task fail (``Server._attach`` asserts the server is open, CPython gh-109564) and drop
+        the accepted socket unclosed: the client hangs until the garbage collector closes it.
+        So the loop's reader on the listening socket is removed first (nothing more is
+        accepted) and the close is queued behind the transport tasks already scheduled.
+        uvloop builds the transport in the accept callback itself and is closed at once.
+        """
+        loop = asyncio.get_running_loop()
+        self._closing = [f for f in self._closing if not f.done()]
         for (_name, listen), server in list(listeners.items()):
-            server.close()
+            if isinstance(loop, asyncio.SelectorEventLoop) and server.is_serving():
+                for sock in server.sockets:
+                    loop.remove_reader(sock.fileno())
+                closing: asyncio.Future[None] = loop.create_future()
+                loop.call_soon(_close_server, server, closing)
+                self._closing.append(closing)
+            else:
+                server.close()
             if isinstance(listen, UnixListen):
                 inode = self._unix_inodes.pop(listen.path, None)
                 # Remove our socket file, but not one another process created since.
@@ -557,6 +582,11 @@ class Sidecar:
                     if inode is not None and os.stat(listen.path).st_ino == inode:
                         os.unlink(listen.path)
         listeners.clear()
+
+
+def _close_server(server: asyncio.Server, closed: asyncio.Future[None]) -> None:
+    server.close()
+    closed.set_result(None)
 
 
 def listen_error(route: str, listen: Listen, exc: OSError) -> ListenError:
