@@ -312,6 +312,7 @@ async def _serve(
 ) -> int:
     from proxy.app import Sidecar
     from proxy.logs import log_event
+    from proxy.upstream import TLS_TRANSPORT
 
     sidecar = Sidecar(
         settings,
@@ -348,9 +349,11 @@ async def _serve(
         log,
         logging.INFO,
         "event_loop",
-        f"event loop: {loop_name} (event_loop {settings.event_loop})",
+        f"event loop: {loop_name} (event_loop {settings.event_loop}); "
+        f"upstream TLS transport: {TLS_TRANSPORT}",
         loop=loop_name,
         setting=settings.event_loop,
+        tls_transport=TLS_TRANSPORT,
         loop_class=f"{loop_class.__module__}.{loop_class.__qualname__}",
     )
     # Handlers first: a signal that arrives while starting must not kill the process.

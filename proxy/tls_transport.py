@@ -73,26 +73,22 @@ async def client_handshake(
         try:
             sslobj.do_handshake()
         except ssl.SSLWantReadError:
-            pass
+            finished = False
+        except ssl.SSLEOFError:  # after our write_eof below: the server hung up mid-handshake
+            raise ConnectionResetError("the server closed the connection") from None
         else:
-            if outgoing.pending:
-                await loop.sock_sendall(sock, outgoing.read())
-            return sslobj, incoming, outgoing
+            finished = True
         if outgoing.pending:
             await loop.sock_sendall(sock, outgoing.read())
+        if finished:
+            return sslobj, incoming, outgoing
+        if incoming.eof:
+            raise ConnectionResetError("the server closed the connection")
         data = await loop.sock_recv(sock, HANDSHAKE_READ_SIZE)
         if data:
             incoming.write(data)
         else:
-            incoming.write_eof()
-            # OpenSSL now reports the EOF as an SSLEOFError (or the alert it saw before it).
-            try:
-                sslobj.do_handshake()
-            except (ssl.SSLEOFError, ssl.SSLWantReadError):
-                raise ConnectionResetError("the server closed the connection") from None
-            if outgoing.pending:
-                await loop.sock_sendall(sock, outgoing.read())
-            return sslobj, incoming, outgoing
+            incoming.write_eof()  # OpenSSL reports it as SSLEOFError, or the alert it saw
 
 
 class TLSTransport(asyncio.Transport):

@@ -85,8 +85,9 @@ def test_address_in_use_exits_1(pg_upstream: str) -> None:
 
 @contextmanager
 def _running(
-    *args: str, env: dict[str, str] | None = None
+    *args: str, env: dict[str, str] | None = None, seen: list[dict[str, object]] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The sidecar, listening; ``seen`` collects the log lines read up to then."""
     proc = subprocess.Popen(
         [
             *PROXY,
@@ -105,7 +106,7 @@ def _running(
     )
     try:
         assert proc.stderr is not None
-        port = _wait_listening(proc.stderr)
+        port = _wait_listening(proc.stderr, seen)
         yield proc, port
     finally:
         if proc.poll() is None:
@@ -115,9 +116,11 @@ def _running(
             proc.stderr.close()
 
 
-def _wait_listening(stream: IO[str]) -> int:
+def _wait_listening(stream: IO[str], seen: list[dict[str, object]] | None = None) -> int:
     for line in stream:
         doc = json.loads(line)
+        if seen is not None:
+            seen.append(doc)
         if doc.get("event") == "route_ready":
             return int(doc["listen"].rsplit(":", 1)[1])
     raise AssertionError("the sidecar exited before listening")
@@ -229,7 +232,10 @@ def test_either_tls_transport_carries_a_verified_session(pg_upstream: str, trans
     """The escape hatch (asyncio's TLS transport) must keep working, not just exist."""
     env = _env()
     env["PG_TLS_SIDECAR_TLS_TRANSPORT"] = transport
-    with _running("--upstream", pg_upstream, env=env) as (proc, port):
+    seen: list[dict[str, object]] = []
+    with _running("--upstream", pg_upstream, env=env, seen=seen) as (proc, port):
+        started = [doc for doc in seen if doc.get("event") == "event_loop"]
+        assert [doc["tls_transport"] for doc in started] == [transport]
         info = f"host=127.0.0.1 port={port} user=app password=app-secret-pw dbname=app"
         with psycopg.connect(info + " sslmode=disable") as conn:
             row = conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()")
