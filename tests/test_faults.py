@@ -221,38 +221,29 @@ def _half_close_server(ctx: ssl.SSLContext, *, server_closes: bool) -> Callable[
     return script
 
 
-def test_server_half_close_reaches_client_after_the_data(
-    start_sidecar: StartSidecar, certs: dict[str, Path]
-) -> None:
+@pytest.mark.parametrize(
+    "closer",
+    [
+        # The server ends its side (close_notify, FIN): the answer, then EOF, reach the client.
+        pytest.param("server", id="server_half_close_reaches_client_after_the_data"),
+        # The client shuts its write side after the query: the answer still reaches it.
+        pytest.param("client", id="client_half_close_still_gets_the_answer"),
+    ],
+)
+def test_half_close(start_sidecar: StartSidecar, certs: dict[str, Path], closer: str) -> None:
     ctx = server_context(certs["good.crt"], certs["good.key"])
-    with FakeUpstream(_half_close_server(ctx, server_closes=True)) as fake:
+    with FakeUpstream(_half_close_server(ctx, server_closes=closer == "server")) as fake:
         sc = start_sidecar(f"host=localhost port={fake.port} sslrootcert={certs['ca.cer']}")
         with socket.create_connection((sc.host, sc.port), timeout=PROMPT) as c:
             c.sendall(_startup_packet(user="u", database="d"))
             got = b""
             while not got.endswith(READY_IDLE):
-                got += c.recv(4096)
+                chunk = c.recv(4096)
+                assert chunk, f"EOF before ReadyForQuery: {got!r}"
+                got += chunk
             c.sendall(msg(b"Q", b"select\0"))
-            rest = _read_all(c)  # the answer, then EOF: the server's close reached us
-        assert rest == ANSWER
-        sc.wait_idle(PROMPT)
-        fake.wait_done()
-    assert bytes(fake.connections[0].decrypted).endswith(b"Qselect\0")
-
-
-def test_client_half_close_still_gets_the_answer(
-    start_sidecar: StartSidecar, certs: dict[str, Path]
-) -> None:
-    ctx = server_context(certs["good.crt"], certs["good.key"])
-    with FakeUpstream(_half_close_server(ctx, server_closes=False)) as fake:
-        sc = start_sidecar(f"host=localhost port={fake.port} sslrootcert={certs['ca.cer']}")
-        with socket.create_connection((sc.host, sc.port), timeout=PROMPT) as c:
-            c.sendall(_startup_packet(user="u", database="d"))
-            got = b""
-            while not got.endswith(READY_IDLE):
-                got += c.recv(4096)
-            c.sendall(msg(b"Q", b"select\0"))
-            c.shutdown(socket.SHUT_WR)
+            if closer == "client":
+                c.shutdown(socket.SHUT_WR)
             rest = _read_all(c)
         sc.wait_idle(PROMPT)
         fake.wait_done()
