@@ -29,6 +29,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from cryptography import x509
@@ -364,9 +365,6 @@ class PeerInfo:
     alpn: str | None
     chain_der: tuple[bytes, ...]  # leaf first; only the leaf where Python cannot give more
 
-    def leaf(self) -> x509.Certificate | None:
-        return x509.load_der_x509_certificate(self.chain_der[0]) if self.chain_der else None
-
 
 def _peer_chain(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> tuple[bytes, ...]:
     # get_verified_chain/get_unverified_chain are public from Python 3.13 on.
@@ -399,13 +397,24 @@ def verify_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, up: UpstreamSettings)
             hint="direct TLS needs PostgreSQL 17 or later; use sslnegotiation=postgres",
         )
     if effective_sslmode(up) == "verify-full":
-        leaf = peer.leaf()
-        if leaf is None:
+        if not peer.chain_der:
             raise UpstreamError(
                 "tls_verify_failed", f"server {up.describe()} presented no certificate"
             )
-        check_server_name(leaf, up.verify_name)
+        _check_server_name_once(peer.chain_der[0], up.verify_name)
     return peer
+
+
+@lru_cache(maxsize=64)
+def _check_server_name_once(leaf_der: bytes, host: str) -> None:
+    """``check_server_name`` on the DER bytes, remembering the pairs that passed.
+
+    The check is a pure function of the certificate's bytes and the name, and a server presents
+    the same certificate to every connection: parsing it again each time (``cryptography``, the
+    SAN extension) was the largest piece of Python in a new session. A mismatch raises, so it is
+    never cached and every refused connection is checked and reported afresh.
+    """
+    check_server_name(x509.load_der_x509_certificate(leaf_der), host)
 
 
 def _root_description(up: UpstreamSettings) -> str:

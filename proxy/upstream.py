@@ -22,6 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from proxy import tls
@@ -149,19 +150,20 @@ async def _open_tcp(up: UpstreamSettings) -> tuple[socket.socket, str]:
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 
-def _numeric_address(host: str, port: int) -> list[AddrInfo]:
+@lru_cache(maxsize=64)
+def _numeric_address(host: str, port: int) -> tuple[AddrInfo, ...]:
     """An IP literal (``hostaddr``, or a host given as an address) needs no resolver call.
 
     ``loop.getaddrinfo`` always goes through the default thread pool: two thread hand-offs per
-    connection for an answer we already have.
+    connection for an answer we already have. Cached: the answer never changes for a literal.
     """
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return []  # a name, or a form only the resolver knows (scope ids, "127.1")
+        return ()  # a name, or a form only the resolver knows (scope ids, "127.1")
     if ip.version == 4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-    return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+        return ((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port)),)
+    return ((socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0)),)
 
 
 def _host_of(sockaddr: object) -> str:

@@ -224,6 +224,27 @@ def test_name_checked_only_under_verify_full(
         assert 'does not match host name "wrong.example.test"' in str(info.value)
 
 
+def test_name_check_is_remembered_per_name_and_never_for_a_refusal(
+    tmp_path: Path, ca: CertificateAuthority, leaf: Issued
+) -> None:
+    """The name check is cached by certificate and name (it was the costliest Python per new
+    session); a pass for one name must not let another through, before or after a pass."""
+    root = root_file(tmp_path, ca)
+    server = server_context(tmp_path, leaf)
+    wrong = up_for(sslrootcert=root, host="wrong.example.test")
+    right = up_for(sslrootcert=root)
+    for up, accepted in ((wrong, False), (right, True), (right, True), (wrong, False)):
+        if accepted:
+            assert connect(server, up)[0].chain_der[0] == leaf.cert_der()
+        else:
+            with pytest.raises(CertificateNameMismatch):
+                connect(server, up)
+    # Another certificate for other names, checked against the name that just passed.
+    other = ca.issue_server(dns_names=("other.example.test",))
+    with pytest.raises(CertificateNameMismatch):
+        connect(server_context(tmp_path / "other", other), right)
+
+
 def test_tls_server_name_is_verified_and_sent(
     tmp_path: Path, ca: CertificateAuthority, leaf: Issued
 ) -> None:
