@@ -10,6 +10,7 @@ reload replaces the route), so a reload never hands out a connection made with a
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import Callable
@@ -18,10 +19,14 @@ from cryptography import x509
 
 from proxy import tls
 from proxy.errors import UpstreamError
+from proxy.logs import log_event
 from proxy.metrics import RouteStats
 from proxy.pool import WarmPool
 from proxy.settings import RouteSettings, Settings
 from proxy.upstream import UpstreamConnection, connect_upstream
+from proxy.wire.tls_hello import GROUP_NAMES
+
+log = logging.getLogger("proxy.route")
 
 
 class ConnectionLimiter:
@@ -47,6 +52,7 @@ class RouteRuntime:
 
     __slots__ = (
         "_global",
+        "_key_share",
         "_last_chain_der",
         "context",
         "last_error",
@@ -83,6 +89,9 @@ class RouteRuntime:
         self.last_error: str | None = None
         self.last_peer: tls.PeerInfo | None = None
         self._last_chain_der: tuple[bytes, ...] = ()
+        # The key-share group the server asked for (HelloRetryRequest), and a context offering
+        # only it; None until the server asks, and again after it refuses (see dial()).
+        self._key_share: tuple[str, ssl.SSLContext] | None = None
         stats.ca_certificates = _configured_roots(settings)
         self.pool: WarmPool | None = None
         if settings.pool.enabled:
@@ -106,12 +115,37 @@ class RouteRuntime:
 
         The pool's connections are dialled here too, so their handshakes count for readiness.
         """
+        learned = self._key_share
+        up = self.settings.upstream
         try:
-            conn = await connect_upstream(self.settings.upstream, self.context, self.timeouts)
+            if learned is None:
+                conn = await self._connect(self.context)
+            else:
+                conn = await connect_upstream(up, learned[1], self.timeouts)
         except UpstreamError as exc:
-            self.stats.upstream_errors[exc.reason] += 1
-            self.last_error = str(exc)
-            raise
+            if learned is None:
+                raise  # counted by _connect
+            if exc.reason != "tls_handshake":
+                self._count_failure(exc)
+                raise
+            # The server no longer takes the group it asked for before (its configuration
+            # changed): forget it and try once more offering everything. Not counted as an
+            # upstream error: the retry below is the connection the caller gets, or the error.
+            if self._key_share is learned:
+                self._key_share = None
+            log_event(
+                log,
+                logging.WARNING,
+                "tls_key_share_refused",
+                "the upstream server refused the key-share group it had asked for; offering "
+                "every group again",
+                route=self.name,
+                group=learned[0],
+                error=str(exc),
+            )
+            conn = await self._connect(self.context)
+        if conn.hello_retry_group is not None and self._key_share is None:
+            self._learn_key_share(conn.hello_retry_group)
         stats = self.stats
         stats.connect_seconds.observe(conn.connect_seconds)
         stats.tls_handshake_seconds.observe(conn.handshake_seconds)
@@ -124,6 +158,39 @@ class RouteRuntime:
         self.last_error = None
         self.last_peer = peer
         return conn
+
+    async def _connect(self, context: ssl.SSLContext) -> UpstreamConnection:
+        try:
+            return await connect_upstream(self.settings.upstream, context, self.timeouts)
+        except UpstreamError as exc:
+            self._count_failure(exc)
+            raise
+
+    def _count_failure(self, exc: UpstreamError) -> None:
+        self.stats.upstream_errors[exc.reason] += 1
+        self.last_error = str(exc)
+
+    def _learn_key_share(self, group: int) -> None:
+        """Offer the group the server asked for from now on: one round trip less per handshake."""
+        name = GROUP_NAMES.get(group)
+        context = None if name is None else tls.key_share_context(self.settings.upstream, name)
+        if name is None or context is None:
+            return
+        self._key_share = (name, context)
+        log_event(
+            log,
+            logging.INFO,
+            "tls_key_share_learned",
+            f"the upstream server asks for key-share group {name} (TLS HelloRetryRequest); new "
+            "connections offer it first, saving a network round trip each",
+            route=self.name,
+            group=name,
+        )
+
+    @property
+    def key_share_group(self) -> str | None:
+        """The key-share group offered alone, once learned (status page, tests)."""
+        return None if self._key_share is None else self._key_share[0]
 
     def acquire_slot(self) -> Callable[[], None] | None:
         """Take one connection slot, or return ``None`` when a limit is reached."""

@@ -268,6 +268,23 @@ def _load_crls(ctx: ssl.SSLContext, up: UpstreamSettings) -> bool:
     return loaded
 
 
+def key_share_context(up: UpstreamSettings, group: str) -> ssl.SSLContext | None:
+    """``build_client_context(up)`` offering only the key-exchange ``group`` (an OpenSSL name).
+
+    Used once the server has asked for ``group`` in a HelloRetryRequest (``wire.tls_hello``): it
+    chose that group from everything this OpenSSL offers, so offering it alone agrees on the
+    same group one round trip sooner. Python's ``ssl`` can set one group, not an order, hence
+    "only"; ``proxy.route`` goes back to the full list if the server ever refuses it. ``None``
+    when this OpenSSL does not know the name.
+    """
+    ctx = build_client_context(up)
+    try:
+        ctx.set_ecdh_curve(group)
+    except (ValueError, ssl.SSLError):
+        return None
+    return ctx
+
+
 def _check_key_permissions(path: str) -> None:
     try:
         st = os.stat(path)

@@ -30,7 +30,9 @@ import socket
 import ssl
 import warnings
 import weakref
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
+
+from proxy.wire.tls_hello import hello_retry_group
 
 READ_BUFFER_SIZE: Final = 256 * 1024
 HIGH_WATER: Final = 64 * 1024
@@ -54,9 +56,19 @@ def _loop_buffers(loop: asyncio.AbstractEventLoop) -> tuple[memoryview, memoryvi
     return pair
 
 
+class ClientHandshake(NamedTuple):
+    """A finished client handshake, ready for ``TLSTransport``."""
+
+    sslobj: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    # The NamedGroup the server asked for in a HelloRetryRequest (``wire.tls_hello``), or None.
+    hello_retry_group: int | None
+
+
 async def client_handshake(
     sock: socket.socket, context: ssl.SSLContext, server_hostname: str | None
-) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+) -> ClientHandshake:
     """Run the client side of the TLS handshake on a connected non-blocking socket.
 
     Bytes the server sends right after its Finished (TLS 1.3 session tickets) may already sit in
@@ -69,6 +81,7 @@ async def client_handshake(
     sslobj = context.wrap_bio(
         incoming, outgoing, server_side=False, server_hostname=server_hostname
     )
+    first_flight: bytes | None = None
     while True:
         try:
             sslobj.do_handshake()
@@ -81,10 +94,13 @@ async def client_handshake(
         if outgoing.pending:
             await loop.sock_sendall(sock, outgoing.read())
         if finished:
-            return sslobj, incoming, outgoing
+            group = hello_retry_group(first_flight) if first_flight else None
+            return ClientHandshake(sslobj, incoming, outgoing, group)
         if incoming.eof:
             raise ConnectionResetError("the server closed the connection")
         data = await loop.sock_recv(sock, HANDSHAKE_READ_SIZE)
+        if first_flight is None:
+            first_flight = data
         if data:
             incoming.write(data)
         else:

@@ -71,6 +71,9 @@ class UpstreamConnection:
     address: str  # the IP actually connected to, for logs
     connect_seconds: float
     handshake_seconds: float
+    # The key-share group the server asked for with a HelloRetryRequest (see wire.tls_hello);
+    # None when it took the one offered, or when asyncio's TLS transport hides the bytes.
+    hello_retry_group: int | None = None
 
 
 async def connect_upstream(
@@ -96,7 +99,9 @@ async def connect_upstream(
     connected = time.monotonic()
     try:
         _set_keepalive(sock, up)
-        endpoint = await _negotiate_tls(loop, sock, up, context, timeouts, endpoint_factory)
+        endpoint, retry_group = await _negotiate_tls(
+            loop, sock, up, context, timeouts, endpoint_factory
+        )
     except BaseException:
         sock.close()
         raise
@@ -108,7 +113,9 @@ async def connect_upstream(
     except BaseException:
         endpoint.abort()
         raise
-    return UpstreamConnection(endpoint, peer, address, connected - started, done - connected)
+    return UpstreamConnection(
+        endpoint, peer, address, connected - started, done - connected, retry_group
+    )
 
 
 async def _open_tcp(up: UpstreamSettings) -> tuple[socket.socket, str]:
@@ -189,7 +196,7 @@ async def _negotiate_tls(
     context: ssl.SSLContext,
     timeouts: Timeouts,
     endpoint_factory: Callable[[], Endpoint],
-) -> Endpoint:
+) -> tuple[Endpoint, int | None]:
     limit = timeouts.tls_handshake
     step = "waiting for the answer to the SSLRequest"
     try:
@@ -230,7 +237,7 @@ async def _start_tls(
     context: ssl.SSLContext,
     limit: float,
     endpoint_factory: Callable[[], Endpoint],
-) -> Endpoint:
+) -> tuple[Endpoint, int | None]:
     server_hostname = tls.sni_for(up) or None
     if TLS_TRANSPORT == "asyncio":
         _transport, endpoint = await loop.create_connection(
@@ -241,11 +248,11 @@ async def _start_tls(
             ssl_handshake_timeout=limit + 1,
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )
-        return endpoint
+        return endpoint, None
     endpoint = endpoint_factory()  # before the handshake, as asyncio does (the doctor relies on it)
-    sslobj, incoming, outgoing = await client_handshake(sock, context, server_hostname)
-    TLSTransport(loop, sock, sslobj, incoming, outgoing, endpoint, TLS_SHUTDOWN_TIMEOUT)
-    return endpoint
+    hs = await client_handshake(sock, context, server_hostname)
+    TLSTransport(loop, sock, hs.sslobj, hs.incoming, hs.outgoing, endpoint, TLS_SHUTDOWN_TIMEOUT)
+    return endpoint, hs.hello_retry_group
 
 
 def _more_buffered(sock: socket.socket) -> bool:

@@ -347,7 +347,7 @@ async def connect(
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, ("127.0.0.1", port))
-        sslobj, incoming, outgoing = await client_handshake(sock, ctx, hostname)
+        sslobj, incoming, outgoing, _group = await client_handshake(sock, ctx, hostname)
     except BaseException:
         sock.close()
         raise
