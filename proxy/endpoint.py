@@ -81,6 +81,18 @@ class Endpoint(asyncio.Protocol):
             self.on_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            observe = self.observe
+            if observe is None:
+                sink.write(data)
+            else:
+                # Forward first, then scan: the arrival time is taken before the write, but the
+                # protocol metrics' work happens while the bytes are already on their way, so it
+                # stays off every query's round trip. The scanner keeps no reference to ``data``.
+                now = time.monotonic()
+                sink.write(data)
+                observe(data, now)
         size = len(data)
         self.bytes_in += size
         stats = self.stats
@@ -89,12 +101,7 @@ class Endpoint(asyncio.Protocol):
                 stats.bytes_server_to_client += size
             else:
                 stats.bytes_client_to_server += size
-        sink = self.sink
         if sink is not None:
-            observe = self.observe
-            if observe is not None:
-                observe(data, time.monotonic())
-            sink.write(data)
             return
         self._inbox.append(data)
         self._inbox_size += len(data)
