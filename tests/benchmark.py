@@ -97,6 +97,9 @@ ALL_TARGETS: Final = ("direct", "sidecar", "sidecar-nometrics", "stunnel", "pgbo
 # more cores than this benchmark's two.
 EXTRA_TARGETS: Final = ("sidecar-asyncio-tls", "sidecar-workers")
 SIDECAR_TARGETS: Final = ("sidecar", "sidecar-nometrics", "sidecar-asyncio-tls", "sidecar-workers")
+# With --compare-checkout DIR: the sidecar (metrics on) run from another checkout, e.g. a
+# ``git worktree`` of the commit before a change, so before and after share one invocation.
+COMPARE_TARGET: Final = "sidecar-compare"
 WORKERS_TARGET_PROCESSES: Final = 2
 
 
@@ -307,8 +310,10 @@ def start_sidecar(
     name: str | None = None,
     tls_transport: str = "sidecar",
     workers: int = 1,
+    repo: Path = REPO,
 ) -> Service:
-    """``python -m proxy run`` from this checkout; the listening port is read from its log."""
+    """``python -m proxy run`` from ``repo`` (this checkout by default); the listening port is
+    read from its log."""
     name = name or ("sidecar" if metrics else "sidecar-nometrics")
     log = work / f"{name}.log"
     argv = [sys.executable, "-m", "proxy", "run", "--listen", "127.0.0.1:0"]
@@ -326,9 +331,21 @@ def start_sidecar(
         config = work / f"{name}.yaml"
         config.write_text('admin:\n  listen: "off"\n  protocol_metrics: false\n')
         argv += ["--config", str(config)]
-    # This checkout's proxy package, whatever the interpreter has installed.
-    env = clean_env(PYTHONPATH=str(REPO), PG_TLS_SIDECAR_TLS_TRANSPORT=tls_transport)
+    # That checkout's proxy package, whatever the interpreter has installed (the services run
+    # in the work directory, so the current directory adds no package of its own).
+    env = clean_env(PYTHONPATH=str(repo), PG_TLS_SIDECAR_TLS_TRANSPORT=tls_transport)
     return spawn(name, argv, log, env=env)
+
+
+def _revision(checkout: Path) -> str:
+    """The commit a checkout is at (``git describe``), or "not a git checkout"."""
+    out = subprocess.run(
+        ["git", "-C", str(checkout), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() if out.returncode == 0 else "not a git checkout"
 
 
 def sidecar_port(service: Service, workers: int = 1) -> int:
@@ -655,6 +672,25 @@ def start_targets(
             + (f", {workers} worker processes" if workers > 1 else "")
         )
         targets[name] = Target(name, description, port, "disable", service=service)
+    compare: Path | None = opts.compare_checkout
+    if compare is not None:
+        service = start_sidecar(
+            work,
+            cluster,
+            metrics=True,
+            event_loop=opts.event_loop,
+            name=COMPARE_TARGET,
+            repo=compare,
+        )
+        services.append(service)
+        description = (
+            f"pg-tls-sidecar from {compare} ({_revision(compare)}), protocol metrics on, "
+            f"{opts.event_loop} event loop"
+        )
+        port = sidecar_port(service)
+        targets[COMPARE_TARGET] = Target(
+            COMPARE_TARGET, description, port, "disable", service=service
+        )
     peers = [p for p in ("stunnel", "pgbouncer") if p in wanted]
     if peers:
         programs = {"stunnel4": "stunnel4", "pgbouncer": "pgbouncer"}
@@ -705,7 +741,7 @@ def start_targets(
             error = login_error(target, ca)
             if error is None:
                 continue
-        if target.name == "direct" or target.name in SIDECAR_TARGETS:
+        if target.name in ("direct", COMPARE_TARGET) or target.name in SIDECAR_TARGETS:
             raise BenchmarkError(f"{target.name}: cannot log in: {error}")
         notes.append(f"{target.name}: fails: {error}")
         del targets[target.name]
@@ -825,7 +861,9 @@ def to_json(
     return {
         "machine": machine(),
         "command": " ".join(sys.argv),
-        "options": {k: v for k, v in vars(opts).items() if k != "json"},
+        "options": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items() if k != "json"
+        },
         "notes": notes,
         "targets": {
             tname: {
@@ -876,6 +914,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="asyncio",
         help="the sidecar's event loop (default asyncio, the stdlib loop)",
     )
+    parser.add_argument(
+        "--compare-checkout",
+        type=Path,
+        metavar="DIR",
+        help="also run the sidecar from the checkout in DIR (target sidecar-compare), e.g. a "
+        "git worktree of the commit before a change: before and after in one run",
+    )
     parser.add_argument("--quick", action="store_true", help="1 round, 2 s, 8 MiB, scale 1")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     parser.add_argument(
@@ -890,6 +935,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key in ("rounds", "seconds", "copy_mb", "scale"):
         if getattr(opts, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    if opts.compare_checkout is not None:
+        opts.compare_checkout = opts.compare_checkout.resolve()
+        if not (opts.compare_checkout / "proxy" / "__main__.py").is_file():
+            parser.error(f"--compare-checkout {opts.compare_checkout}: no proxy package there")
     opts.targets = [t for t in opts.targets.split(",") if t]
     opts.workloads = [w for w in opts.workloads.split(",") if w]
     for kind, chosen, allowed in (
