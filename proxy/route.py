@@ -18,7 +18,7 @@ from collections.abc import Callable
 from cryptography import x509
 
 from proxy import tls
-from proxy.errors import UpstreamError
+from proxy.errors import ConfigError, UpstreamError
 from proxy.logs import log_event
 from proxy.metrics import RouteStats
 from proxy.pool import WarmPool
@@ -53,6 +53,7 @@ class RouteRuntime:
     __slots__ = (
         "_global",
         "_key_share",
+        "_key_share_frozen",
         "_last_chain_der",
         "context",
         "last_error",
@@ -92,6 +93,7 @@ class RouteRuntime:
         # The key-share group the server asked for (HelloRetryRequest), and a context offering
         # only it; None until the server asks, and again after it refuses (see dial()).
         self._key_share: tuple[str, ssl.SSLContext] | None = None
+        self._key_share_frozen = False  # the context could not be prepared: do not try again
         stats.ca_certificates = _configured_roots(settings)
         self.pool: WarmPool | None = None
         if settings.pool.enabled:
@@ -137,15 +139,16 @@ class RouteRuntime:
                 log,
                 logging.WARNING,
                 "tls_key_share_refused",
-                "the upstream server refused the key-share group it had asked for; offering "
-                "every group again",
+                "the TLS handshake offering only the key-share group the upstream server had "
+                "asked for failed; offering every group again",
                 route=self.name,
                 group=learned[0],
                 error=str(exc),
             )
             conn = await self._connect(self.context)
-        if conn.hello_retry_group is not None and self._key_share is None:
-            self._learn_key_share(conn.hello_retry_group)
+        retry_group = conn.hello_retry_group
+        if retry_group is not None and self._key_share is None and not self._key_share_frozen:
+            self._learn_key_share(retry_group)
         stats = self.stats
         stats.connect_seconds.observe(conn.connect_seconds)
         stats.tls_handshake_seconds.observe(conn.handshake_seconds)
@@ -171,10 +174,26 @@ class RouteRuntime:
         self.last_error = str(exc)
 
     def _learn_key_share(self, group: int) -> None:
-        """Offer the group the server asked for from now on: one round trip less per handshake."""
+        """Offer the group the server asked for from now on: one round trip less per handshake.
+
+        The context is built again from the route's files. It is an optimisation: if they can
+        no longer be read, or the roots in them changed since the route was loaded (a reload is
+        how a new CA takes effect), every group stays offered and this is not tried again.
+        """
         name = GROUP_NAMES.get(group)
-        context = None if name is None else tls.key_share_context(self.settings.upstream, name)
-        if name is None or context is None:
+        if name is None:
+            return
+        try:
+            context = tls.key_share_context(self.settings.upstream, name)
+        except (ConfigError, OSError) as exc:
+            self._key_share_unavailable(name, str(exc))
+            return
+        if context is None:
+            return  # this OpenSSL cannot offer that group alone
+        if _roots(context) != _roots(self.context):
+            self._key_share_unavailable(
+                name, "the roots in sslrootcert changed since the route was loaded; reload"
+            )
             return
         self._key_share = (name, context)
         log_event(
@@ -183,6 +202,18 @@ class RouteRuntime:
             "tls_key_share_learned",
             f"the upstream server asks for key-share group {name} (TLS HelloRetryRequest); new "
             "connections offer it first, saving a network round trip each",
+            route=self.name,
+            group=name,
+        )
+
+    def _key_share_unavailable(self, name: str, why: str) -> None:
+        self._key_share_frozen = True
+        log_event(
+            log,
+            logging.WARNING,
+            "tls_key_share_not_learned",
+            f"the upstream server asks for key-share group {name}, but a TLS context offering "
+            f"it first could not be prepared ({why}); every group stays offered",
             route=self.name,
             group=name,
         )
@@ -221,6 +252,10 @@ class RouteRuntime:
         if self.slots.full():
             return f"route {self.name!r} allows max_connections={self.slots.limit}"
         return f"the sidecar allows max_connections={self._global.limit}"
+
+
+def _roots(context: ssl.SSLContext) -> list[bytes]:
+    return context.get_ca_certs(binary_form=True)
 
 
 def _configured_roots(settings: RouteSettings) -> tuple[x509.Certificate, ...]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import load_settings
+from proxy.demo.pki import CertificateAuthority
 from proxy.errors import UpstreamError
 from proxy.metrics import RouteStats
 from proxy.route import ConnectionLimiter, RouteRuntime
@@ -168,6 +169,40 @@ def test_the_route_offers_the_group_the_server_asked_for(certs: dict[str, Path])
             refused = [c for c in fake.connections if c.error is not None]
             assert len(refused) == 1 and isinstance(refused[0].error, ssl.SSLError)
             assert len(fake.connections) == 5
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_nothing_is_learned_from_files_that_changed_since_load(
+    certs: dict[str, Path], tmp_path: Path, change: str
+) -> None:
+    """The narrowed context is built from the files again: if they are gone or hold other roots
+    (a reload is how a new CA takes effect), the route keeps offering every group, unharmed."""
+    root = tmp_path / "root.cer"
+    root.write_bytes(certs["ca.cer"].read_bytes())
+
+    def script(conn: Conn) -> None:
+        assert conn.recv_exact(8)
+        conn.sock.sendall(b"S")
+        ctx = server_context(certs["good.crt"], certs["good.key"])
+        ctx.set_ecdh_curve("prime256v1")
+        conn.start_tls(ctx)
+        conn.drain_tls()
+
+    async def main() -> None:
+        with FakeUpstream(script) as fake:
+            route = _route(f"host=localhost port={fake.port} sslrootcert={root}")
+            if change == "removed":
+                root.unlink()
+            else:
+                other = CertificateAuthority.create("a root the route was not loaded with")
+                root.write_bytes(other.cert_der())
+            for _ in range(3):
+                conn = await _dial(route)
+                assert conn.hello_retry_group == P256  # still asked, still answered
+                assert route.key_share_group is None
+            assert route.stats.upstream_errors["tls_handshake"] == 0
 
     asyncio.run(main())
 
