@@ -42,6 +42,7 @@ from proxy.settings import Timeouts, UpstreamSettings
 from proxy.upstream import UpstreamConnection, connect_upstream
 from proxy.wire.messages import SSL_REQUEST
 from proxy.wire.negotiation import check_ssl_response
+from proxy.wire.tls_hello import GROUP_NAMES
 
 __all__ = [
     "STEPS",
@@ -458,7 +459,19 @@ def _report_success(
         )
     )
     add(_negotiation_ok(up))
-    add(_tls_step(up, peer.version, peer.cipher, peer.alpn, conn.handshake_seconds, note=None))
+    retry = conn.hello_retry_group
+    group = None if retry is None else GROUP_NAMES.get(retry, f"0x{retry:04x}")
+    note = (
+        None
+        if group is None
+        else f"the server asked for key-share group {group} with a HelloRetryRequest, one more "
+        "round trip; `run` offers that group first from its second connection on"
+    )
+    add(
+        _tls_step(
+            up, peer.version, peer.cipher, peer.alpn, conn.handshake_seconds, note=note, retry=group
+        )
+    )
     assert conn.endpoint.transport is not None
     ssl_object = conn.endpoint.transport.get_extra_info("ssl_object")
     chain_der = presented_chain(ssl_object) if ssl_object is not None else peer.chain_der
@@ -487,6 +500,7 @@ def _tls_step(
     seconds: float | None,
     *,
     note: str | None,
+    retry: str | None = None,
 ) -> Step:
     took = f", handshake {_ms(seconds)}" if seconds is not None else ""
     summary = f"{version}, {cipher}, ALPN {alpn or 'none'}, SNI {_sni_text(up)}{took}"
@@ -495,7 +509,13 @@ def _tls_step(
         "ok",
         summary,
         details=[f"({note})"] if note else [],
-        data={"version": version, "cipher": cipher, "alpn": alpn, "sni": tls.sni_for(up)},
+        data={
+            "version": version,
+            "cipher": cipher,
+            "alpn": alpn,
+            "sni": tls.sni_for(up),
+            "hello_retry_group": retry,
+        },
     )
 
 

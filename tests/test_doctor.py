@@ -120,6 +120,8 @@ def test_good_server_every_step_ok(certs: dict[str, Path]) -> None:
     assert tls_step.data["alpn"] == "postgresql"
     assert tls_step.data["sni"] == "localhost" and sni == ["localhost"]
     assert str(tls_step.data["version"]).startswith("TLSv1.")
+    assert tls_step.data["hello_retry_group"] is None  # Python's server takes X25519
+    assert "HelloRetryRequest" not in text(report, up)
     assert report.chain_source == "sidecar"
     assert [c.subject for c in report.chain] == ["CN=localhost"]
     assert report.chain[0].issuer == "CN=hostile-test trusted root"
@@ -321,6 +323,9 @@ def test_real_server(pg: TlsOnlyCluster, pg_upstream: str) -> None:
     assert report.anchor.subject == "CN=pg-tls-sidecar test root CA"
     assert report.steps[3].data["version"] in ("TLSv1.2", "TLSv1.3")
     assert report.steps[3].data["sni"] == "localhost"
+    # PostgreSQL 15's ssl_ecdh_curve (prime256v1) against OpenSSL's X25519-first offer.
+    assert report.steps[3].data["hello_retry_group"] == "prime256v1"
+    assert "key-share group prime256v1 with a HelloRetryRequest" in text(report, up)
 
 
 # -- find_anchor ---------------------------------------------------------------------------
