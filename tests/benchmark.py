@@ -490,13 +490,27 @@ class Sample:
     # Share of all CPUs busy during the run (everything, ours included): a sample taken while
     # something else loaded the machine shows up here, in --json.
     machine_busy: float
+    # The whole machine during the run (client, server, proxy, kernel): CPU seconds and context
+    # switches. A proxy's cost is not only its own CPU: it adds a hop, and every process and
+    # the kernel pay for the hand-offs; these are the figures that show it.
+    machine_cpu_s: float = 0.0
+    context_switches: int = 0
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs from ``/proc/stat``; idle and iowait are not busy."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    total = sum(values)
-    return total - values[3] - values[4], total
+@dataclass(frozen=True)
+class MachineCounters:
+    busy: int  # jiffies of all CPUs, idle and iowait excluded
+    total: int
+    context_switches: int
+
+    @staticmethod
+    def read() -> MachineCounters:
+        """From ``/proc/stat``: the ``cpu`` line (user … steal) and ``ctxt``."""
+        lines = Path("/proc/stat").read_text().splitlines()
+        values = [int(v) for v in lines[0].split()[1:9]]
+        ctxt = next(int(line.split()[1]) for line in lines if line.startswith("ctxt "))
+        total = sum(values)
+        return MachineCounters(total - values[3] - values[4], total, ctxt)
 
 
 def run_checked(argv: Sequence[str], env: dict[str, str], timeout: float) -> str:
@@ -529,12 +543,14 @@ def parse_pgbench(output: str, key: str) -> float:
 
 
 def measure(target: Target, ca: Path, run: Callable[[], tuple[float, int, float]]) -> Sample:
-    before, busy_before = target.cpu(), cpu_jiffies()
+    before, machine_before = target.cpu(), MachineCounters.read()
     value, units, elapsed = run()
-    after, busy_after = target.cpu(), cpu_jiffies()
+    after, machine_after = target.cpu(), MachineCounters.read()
     cpu = None if before is None or after is None else after - before
-    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
-    return Sample(value, units, cpu, elapsed, busy)
+    busy = machine_after.busy - machine_before.busy
+    share = busy / max(1, machine_after.total - machine_before.total)
+    switches = machine_after.context_switches - machine_before.context_switches
+    return Sample(value, units, cpu, elapsed, share, busy / CLK_TCK, switches)
 
 
 def workload(name: str, target: Target, ca: Path, opts: argparse.Namespace) -> Sample:
@@ -610,6 +626,20 @@ class Results:
                 s.cpu_s / (s.units / 1e9) for s in samples if s.cpu_s is not None
             )
         return statistics.median(s.cpu_s / s.units * 1e6 for s in samples if s.cpu_s is not None)
+
+    def machine_per_unit(self, target: str, name: str) -> tuple[float, float] | None:
+        """Median whole-machine CPU (µs per transaction, s per GB) and context switches (per
+        transaction, per MB)."""
+        samples = [s for s in self.samples.get(target, {}).get(name, []) if s.units]
+        if not samples:
+            return None
+        if name.startswith("copy"):  # units are bytes
+            cpu = statistics.median(s.machine_cpu_s / s.units * 1e9 for s in samples)
+            switches = statistics.median(s.context_switches / s.units * 1e6 for s in samples)
+        else:  # units are transactions
+            cpu = statistics.median(s.machine_cpu_s / s.units * 1e6 for s in samples)
+            switches = statistics.median(s.context_switches / s.units for s in samples)
+        return cpu, switches
 
 
 def ratio(results: Results, targets: dict[str, Target], target: str, name: str) -> float | None:
@@ -815,7 +845,35 @@ def markdown(results: Results, targets: dict[str, Target], workloads: Sequence[s
             "stunnel's `-C` ratio is against direct TLS with the same md5 role: "
             f"{fmt(base, 1)} tps."
         )
+    lines += ["", *machine_markdown(results, targets, workloads)]
     return "\n".join(lines)
+
+
+def machine_markdown(
+    results: Results, targets: dict[str, Target], workloads: Sequence[str]
+) -> list[str]:
+    """Whole-machine CPU and context switches per unit of work, every process included."""
+    lines = [
+        "Whole machine (client, server, proxy and kernel, from `/proc/stat`): CPU and context "
+        "switches per transaction (µs, cs), per GB for COPY (s, cs per MB):",
+        "",
+        "| target | " + " | ".join(WORKLOAD_TITLES[w].split(" (")[0] for w in workloads) + " |",
+        "|" + "---|" * (len(workloads) + 1),
+    ]
+    for tname, target in targets.items():
+        cells = [target.description]
+        for w in workloads:
+            figures = results.machine_per_unit(tname, w)
+            if figures is None:
+                cells.append("—")
+                continue
+            cpu, switches = figures
+            unit = "s/GB" if w.startswith("copy") else "µs"
+            cells.append(
+                f"{fmt(cpu, 2 if w.startswith('copy') else 1)} {unit}, {fmt(switches, 1)} cs"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def command_version(argv: Sequence[str]) -> str:
@@ -876,6 +934,7 @@ def to_json(
                         "baseline": t.baseline.get(w, "direct"),
                         "proxy_cpu_per_unit": results.cpu_per_unit(tname, w),
                         "proxy_cpu_unit": "s/GB" if w.startswith("copy") else "µs/txn",
+                        "machine_cpu_and_switches_per_unit": results.machine_per_unit(tname, w),
                         "failure": results.failures.get(tname, {}).get(w),
                     }
                     for w in WORKLOADS

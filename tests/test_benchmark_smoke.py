@@ -49,6 +49,15 @@ def test_quick_benchmark_reports_a_ratio_for_every_workload(tmp_path: Path) -> N
     for workload in WORKLOADS:
         direct = figures["targets"]["direct"]["workloads"][workload]
         assert direct["ratio"] == 1.0, workload
+        for name in ("direct", "sidecar", "sidecar-compare"):
+            # The whole machine's CPU and context switches per unit: every run has some.
+            cpu, switches = figures["targets"][name]["workloads"][workload][
+                "machine_cpu_and_switches_per_unit"
+            ]
+            assert switches > 0, (name, workload, switches)
+            # The machine's CPU includes the proxy's own, and a transaction costs microseconds.
+            proxy = figures["targets"][name]["workloads"][workload]["proxy_cpu_per_unit"]
+            assert cpu >= (proxy or 0) and cpu > (0.01 if workload.startswith("copy") else 1)
         for name in ("sidecar", "sidecar-compare"):
             sidecar = figures["targets"][name]["workloads"][workload]
             assert sidecar["failure"] is None, (name, workload, sidecar["failure"])
@@ -57,6 +66,7 @@ def test_quick_benchmark_reports_a_ratio_for_every_workload(tmp_path: Path) -> N
     # The Markdown table is printed with the sidecars' rows and ratios.
     assert "| pg-tls-sidecar, protocol metrics on, asyncio event loop |" in out.stdout
     assert f"| pg-tls-sidecar from {other} (not a git checkout), protocol metrics on" in out.stdout
+    assert "Whole machine (client, server, proxy and kernel" in out.stdout
 
 
 def test_the_compared_checkout_is_the_code_that_runs(tmp_path: Path) -> None:
