@@ -263,6 +263,22 @@ def reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def read_when_let(ctx: ssl.SSLContext, let: threading.Event) -> Callable[[socket.socket], str]:
+    """A server script that reads nothing until the test sets ``let`` (so the client's write
+    buffer fills), then reads to the client's close_notify, answers with its own and returns
+    the digest of what it read."""
+
+    def script(sock: socket.socket) -> str:
+        with tls_accept(sock, ctx) as tls:
+            if not let.wait(WAIT):
+                raise TimeoutError("the test never let the server read")
+            data = read_to_close_notify(tls)
+            tls.unwrap()
+        return sha(data)
+
+    return script
+
+
 def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
@@ -727,13 +743,7 @@ def test_writes_pause_while_the_server_does_not_read_and_resume_when_it_does(
 ) -> None:
     reading = threading.Event()
 
-    def script(sock: socket.socket) -> str:
-        with tls_accept(sock, server_ctx) as tls:
-            if not reading.wait(WAIT):
-                raise TimeoutError("the test never let the server read")
-            data = read_to_close_notify(tls)
-            tls.unwrap()
-        return sha(data)
+    script = read_when_let(server_ctx, reading)
 
     async def main() -> tuple[int, int]:
         transport, proto, _ = await open_transport(server.port, client_ctx)
@@ -813,13 +823,7 @@ def test_pause_writing_is_paired_with_resume_writing_when_draining_after(
     data = payload(16 * MiB, seed=10)
     reading = threading.Event()
 
-    def script(sock: socket.socket) -> str:
-        with tls_accept(sock, server_ctx) as tls:
-            if not reading.wait(WAIT):
-                raise TimeoutError("the test never let the server read")
-            got = read_to_close_notify(tls)
-            tls.unwrap()
-        return sha(got)
+    script = read_when_let(server_ctx, reading)
 
     async def main() -> Recorder:
         transport, proto, _ = await open_transport(server.port, client_ctx)
@@ -847,13 +851,7 @@ def test_close_flushes_queued_data_then_close_notify(
     data = payload(16 * MiB, seed=6)
     reading = threading.Event()
 
-    def script(sock: socket.socket) -> str:
-        with tls_accept(sock, server_ctx) as tls:
-            if not reading.wait(WAIT):
-                raise TimeoutError("the test never let the server read")
-            got = read_to_close_notify(tls)
-            tls.unwrap()
-        return sha(got)
+    script = read_when_let(server_ctx, reading)
 
     async def main() -> float:
         transport, proto, sock = await open_transport(server.port, client_ctx)
