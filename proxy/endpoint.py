@@ -104,7 +104,7 @@ class Endpoint(asyncio.Protocol):
         if sink is not None:
             return
         self._inbox.append(data)
-        self._inbox_size += len(data)
+        self._inbox_size += size
         if self._inbox_size >= INBOX_LIMIT:
             self._pause_reading()
         self._wake()

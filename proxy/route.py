@@ -220,7 +220,7 @@ class RouteRuntime:
 
     @property
     def key_share_group(self) -> str | None:
-        """The key-share group offered alone, once learned (status page, tests)."""
+        """The key-share group offered alone, once learned; ``None`` while every group is."""
         return None if self._key_share is None else self._key_share[0]
 
     def acquire_slot(self) -> Callable[[], None] | None:

@@ -73,7 +73,7 @@ class UpstreamConnection:
     handshake_seconds: float
     # The key-share group the server asked for with a HelloRetryRequest (see wire.tls_hello);
     # None when it took the one offered, or when asyncio's TLS transport hides the bytes.
-    hello_retry_group: int | None = None
+    hello_retry_group: int | None
 
 
 async def connect_upstream(
